@@ -1,0 +1,150 @@
+"""Typed experiment configuration, read from YAML.
+
+One YAML file describes the data, the UNet, the noise scheduler, training and sampling. Unknown keys
+are an error naming the section and key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or section that does not match the schema."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits-2"  # a name from ``diffattr data list``
+    root: str | None = None  # local folder for cifar10 / artbench10 / imagefolder
+    size: int | None = None  # resize to size x size (None: the source's native size)
+    classes: list[str] | None = None  # class (or style) names to keep; None: the source's default
+    split: str = "train"
+    limit: int | None = None  # keep the first `limit` images (after class filtering), by id
+
+
+@dataclass
+class ModelConfig:
+    """Arguments of diffusers' ``UNet2DModel`` (the subset we use)."""
+
+    sample_size: int = 16
+    in_channels: int = 1
+    out_channels: int = 1
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
+    )
+    up_block_types: list[str] = field(
+        default_factory=lambda: ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
+    )
+    norm_num_groups: int = 8
+    attention_head_dim: int | None = 8
+    dropout: float = 0.0
+    num_class_embeds: int | None = None  # set for a class-conditional model
+
+
+@dataclass
+class SchedulerConfig:
+    """Arguments of diffusers' ``DDPMScheduler``."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
+    variance_type: str = "fixed_small"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    lr_warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None  # e.g. 0.999; the EMA weights are what gets saved
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (GPU only)
+    checkpoint_every: int = 500
+    log_every: int = 100
+    random_flip: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"  # "ddim" | "ddpm"
+    num_inference_steps: int = 50
+    eta: float = 0.0
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = _SECTIONS.get((cls, name))
+        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
+    return cls(**kwargs)
+
+
+_SECTIONS: dict[tuple[type, str], type] = {
+    (ExperimentConfig, "data"): DataConfig,
+    (ExperimentConfig, "model"): ModelConfig,
+    (ExperimentConfig, "scheduler"): SchedulerConfig,
+    (ExperimentConfig, "train"): TrainConfig,
+    (ExperimentConfig, "sample"): SampleConfig,
+}
+
+
+def config_from_dict(values: dict[str, Any], where: str = "config") -> ExperimentConfig:
+    cfg = _build(ExperimentConfig, values, where)
+    # YAML reads 1e-3 as a string; coerce the float fields that users write that way.
+    for section in (cfg.train, cfg.scheduler, cfg.sample):
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            if isinstance(v, str) and f.type in ("float", "float | None"):
+                try:
+                    setattr(section, f.name, float(v))
+                except ValueError as exc:
+                    raise ConfigError(f"{where}: {f.name}={v!r} is not a number") from exc
+    return cfg
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read an :class:`ExperimentConfig` from a YAML file (clear errors for missing/bad files)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    return config_from_dict(values, where=str(path))
