@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
+from diffattr.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or section that does not match the schema."""
 
 

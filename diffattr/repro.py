@@ -22,12 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffattr.errors import UserError
+
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "diffattr.json"
 
 
-class MismatchError(ValueError):
+class MismatchError(UserError, ValueError):
     """A result folder was reopened with arguments, a model or data other than those that made it."""
 
 
@@ -105,7 +107,9 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def diff_fields(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> list[str]:
+def diff_fields(
+    expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
     """Dotted names of the fields where two (nested) records differ."""
     out: list[str] = []
     for key in sorted(set(expected) | set(found)):

@@ -45,11 +45,11 @@ class Queries:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
-            raise ValueError(f"queries: images must be (n, C, H, W), got {tuple(self.images.shape)}")
-        if len(self.names) != self.images.shape[0]:
             raise ValueError(
-                f"queries: {len(self.names)} names for {self.images.shape[0]} images"
+                f"queries: images must be (n, C, H, W), got {tuple(self.images.shape)}"
             )
+        if len(self.names) != self.images.shape[0]:
+            raise ValueError(f"queries: {len(self.names)} names for {self.images.shape[0]} images")
         if self.trajectories is not None and len(self.trajectories) != len(self.names):
             raise ValueError("queries: one trajectory per image is required")
 

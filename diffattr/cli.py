@@ -1,0 +1,375 @@
+"""The ``diffattr`` command line: one small function per command, argparse only.
+
+Heavy imports (torch, diffusers) happen inside the command functions so ``diffattr --help``
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("diffattr")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------- shared options
+def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--data",
+        required=required,
+        default=None,
+        help="data set name (see `diffattr data list`); default: the one the model was trained on",
+    )
+    p.add_argument(
+        "--data-root", default=None, help="local folder for cifar10/artbench10/imagefolder"
+    )
+    p.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE")
+    p.add_argument("--classes", default=None, help="comma-separated class/style names to keep")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--limit", type=int, default=None, help="keep the first N images by id")
+
+
+def _data_config(args: argparse.Namespace, fallback: dict[str, Any] | None = None):
+    from diffattr.config import DataConfig
+
+    base = dict(fallback or {})
+    if args.data is not None:
+        base = {"source": args.data}
+    for key, value in (
+        ("root", args.data_root),
+        ("size", args.size),
+        ("split", args.split if args.split != "train" else None),
+        ("limit", args.limit),
+    ):
+        if value is not None:
+            base[key] = value
+    if args.classes:
+        base["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if "source" not in base:
+        raise SystemExit("error: --data is required (no data set recorded with the model)")
+    return DataConfig(**base)
+
+
+def _model_data_config(model) -> dict[str, Any] | None:
+    cfg = model.record.get("config") if isinstance(model.record, dict) else None
+    return dict(cfg["data"]) if cfg and "data" in cfg else None
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from diffattr.config import load_config
+    from diffattr.data import load_dataset
+    from diffattr.diffusion.trainer import train_model
+
+    cfg = load_config(args.config)
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    if args.data_root is not None:
+        cfg.data.root = args.data_root
+    train_set = load_dataset(cfg.data)
+    log.info(
+        "training on %s: %d images of shape %s",
+        train_set.name,
+        len(train_set),
+        train_set.image_shape,
+    )
+    model = train_model(cfg, train_set, Path(args.out), progress=not args.quiet)
+    log.info("model saved in %s (hash %s)", args.out, model.model_hash()[:12])
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from diffattr.diffusion.model import load_model
+    from diffattr.diffusion.sampling import sample
+
+    model = load_model(args.model)
+    labels = None
+    if args.class_label is not None:
+        import torch
+
+        labels = torch.full((args.n,), int(args.class_label), dtype=torch.int64)
+    result = sample(
+        model,
+        n=args.n,
+        seed=args.seed,
+        sampler=args.sampler,
+        num_inference_steps=args.steps,
+        eta=args.eta,
+        class_labels=labels,
+        progress=not args.quiet,
+    )
+    result.save(args.out)
+    log.info("wrote %d images, grid.png and the trajectory to %s", args.n, args.out)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from diffattr.data import list_datasets, load_dataset
+
+    if args.action == "list":
+        for name, description in list_datasets():
+            sys.stdout.write(f"{name:14s} {description}\n")
+        return 0
+    if args.name is None:
+        raise SystemExit(f"error: `diffattr data {args.action}` needs a data set name")
+    args.data = args.name
+    data = load_dataset(_data_config(args))
+    if args.action == "inspect":
+        sys.stdout.write(json.dumps(data.describe(), indent=2) + "\n")
+        return 0
+    from diffattr.data.images import export_dataset
+
+    if not args.out:
+        raise SystemExit("error: `diffattr data export` needs --out FOLDER")
+    folder = export_dataset(data, Path(args.out))
+    log.info("exported %d images to %s", len(data), folder)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from diffattr.attribution.registry import list_attributors
+
+    for name, description in list_attributors():
+        sys.stdout.write(f"{name:14s} {description}\n")
+    return 0
+
+
+def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON when they parse (numbers, lists, bools)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"error: --option expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = raw
+    return out
+
+
+FEATURIZE_RECORD = "attributor.json"
+
+
+def cmd_featurize(args: argparse.Namespace) -> int:
+    from diffattr.attribution.registry import make_attributor
+    from diffattr.data import load_dataset
+    from diffattr.diffusion.model import load_model
+    from diffattr.repro import open_result_dir
+
+    model = load_model(args.model)
+    data_cfg = _data_config(args, _model_data_config(model))
+    train = load_dataset(data_cfg)
+    options = _parse_options(args.option or [])
+    for key in ("timesteps", "proj_dim", "projector", "output", "batch_size", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    out = Path(args.out)
+    open_result_dir(
+        out,
+        kind="attributor",
+        identity={
+            "method": args.method,
+            "options": options,
+            "data": data_cfg,
+            "data_hash": train.data_hash(),
+            "model_hash": model.model_hash(),
+        },
+        extra={"model_path": str(args.model)},
+    )
+    attributor = make_attributor(args.method, model, work_dir=out, **options)
+    attributor.fit(train)
+    log.info("featurized %d training images with %s into %s", len(train), args.method, out)
+    return 0
+
+
+def _load_queries(args: argparse.Namespace, shape: tuple[int, int, int]):
+    """Queries from --image FILE or --images FOLDER; trajectories attached when saved beside them."""
+    from diffattr.attribution.base import Queries
+    from diffattr.data.images import load_image, load_image_folder
+    from diffattr.diffusion.sampling import SampleResult
+
+    if bool(args.image) == bool(args.images):
+        raise SystemExit("error: give exactly one of --image FILE or --images FOLDER")
+    folder = Path(args.images) if args.images else Path(args.image).parent
+    saved = None
+    if (folder / "sample.json").exists():
+        saved = SampleResult.load(folder)
+    if args.images:
+        images, names = load_image_folder(folder, shape)
+    else:
+        images, names = load_image(Path(args.image), shape)[None], [Path(args.image).name]
+    trajectories = None
+    if saved is not None:
+        by_name = {f"{i:04d}.png": i for i in range(saved.images.shape[0])}
+        if all(n in by_name for n in names):
+            trajectories = [saved.trajectory(by_name[n]) for n in names]
+    return Queries(images=images, names=names, trajectories=trajectories)
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from diffattr.attribution.registry import make_attributor
+    from diffattr.config import DataConfig
+    from diffattr.data import load_dataset
+    from diffattr.diffusion.model import load_model
+    from diffattr.repro import MismatchError, read_record
+
+    model = load_model(args.model)
+    record = read_record(args.features)
+    if record.get("kind") != "attributor":
+        raise SystemExit(f"error: {args.features} is not made by `diffattr featurize`")
+    ident = record["identity"]
+    if ident["model_hash"] != model.model_hash():
+        raise MismatchError(
+            f"{args.features} was featurized with model hash {ident['model_hash'][:12]}, "
+            f"but {args.model} has hash {model.model_hash()[:12]}"
+        )
+    train = load_dataset(DataConfig(**ident["data"]))
+    if train.data_hash() != ident["data_hash"]:
+        raise MismatchError(f"{args.features}: the training data changed since featurization")
+    queries = _load_queries(args, model.image_shape)
+    attributor = make_attributor(
+        ident["method"], model, work_dir=Path(args.features), **ident["options"]
+    )
+    attributor.fit(train)
+    scores = attributor.score(queries)
+    for name, row in zip(scores.query_names, scores.top_k(args.top_k), strict=True):
+        sys.stdout.write(f"{name}: top-{args.top_k} training images by {scores.method}\n")
+        for rank, (train_id, value) in enumerate(row, 1):
+            sys.stdout.write(f"  {rank:3d}. id {train_id:6d}  score {value:+.5g}\n")
+    if args.out:
+        scores.save(args.out)
+        log.info("scores (%d x %d) written to %s", *scores.values.shape, args.out)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from diffattr.evaluation.harness import evaluate
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    evaluate(args.config, methods, Path(args.out), progress=not args.quiet)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from diffattr.demo import run_demo
+
+    run_demo(Path(args.out), config=args.config, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffattr",
+        description="Which training images made this generated image? Data attribution for "
+        "diffusion models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train a DDPM from a YAML config")
+    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/digits2.yaml")
+    p.add_argument(
+        "--out", required=True, help="model folder (diffusers layout); resumes if present"
+    )
+    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--data-root", default=None, help="override data.root")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample images (PNG + grid + trajectory) from a model")
+    p.add_argument(
+        "--model", required=True, help="model folder (ours or a diffusers DDPM pipeline)"
+    )
+    p.add_argument("--n", type=int, default=16, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--class-label", type=int, default=None, help="class for conditional models")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("data", help="list, inspect or export a data set")
+    p.add_argument("action", choices=["list", "inspect", "export"])
+    p.add_argument("name", nargs="?", default=None, help="data set name (inspect/export)")
+    p.add_argument(
+        "--data-root", default=None, help="local folder for cifar10/artbench10/imagefolder"
+    )
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--classes", default=None, help="comma-separated class/style names")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", default=None, help="export folder")
+    p.set_defaults(func=cmd_data, data=None)
+
+    p = sub.add_parser("methods", help="list the attribution methods")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("featurize", help="featurize the training set for an attribution method")
+    p.add_argument("--model", required=True)
+    _add_data_args(p)
+    p.add_argument("--method", required=True, help="see `diffattr methods`")
+    p.add_argument("--out", required=True, help="feature folder (resumes if present)")
+    p.add_argument("--timesteps", type=int, default=None, help="number of timesteps K")
+    p.add_argument("--proj-dim", type=int, default=None, help="projection dimension k")
+    p.add_argument("--projector", default=None, help="gaussian | rademacher | kronecker | identity")
+    p.add_argument("--output", default=None, help="output function (d-trak): square, loss, ...")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="any method option")
+    p.set_defaults(func=cmd_featurize)
+
+    p = sub.add_parser("attribute", help="score generated images against the training set")
+    p.add_argument("--model", required=True)
+    p.add_argument("--features", required=True, help="folder written by `diffattr featurize`")
+    p.add_argument("--image", default=None, help="one query image (PNG)")
+    p.add_argument("--images", default=None, help="a folder of query images")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--out", default=None, help="write scores.safetensors + top_k.csv here")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("evaluate", help="LDS / counterfactual evaluation against retraining")
+    p.add_argument("--config", required=True, help="e.g. configs/eval/digits2.yaml")
+    p.add_argument("--methods", required=True, help="comma-separated, e.g. trak,d-trak,pixel")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="train (or reuse) a digits DDPM, generate, attribute, report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--config", default=None, help="experiment YAML (default: configs/digits2.yaml)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from diffattr.errors import UserError
+
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
