@@ -82,7 +82,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         len(train_set),
         train_set.image_shape,
     )
-    model = train_model(cfg, train_set, Path(args.out), progress=not args.quiet)
+    model = train_model(
+        cfg,
+        train_set,
+        Path(args.out),
+        progress=not args.quiet,
+        keep_checkpoints=args.keep_checkpoints,
+    )
     log.info("model saved in %s (hash %s)", args.out, model.model_hash()[:12])
     return 0
 
@@ -195,6 +201,8 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
 def _load_queries(args: argparse.Namespace, shape: tuple[int, int, int]):
     """Queries from --image FILE or --images FOLDER; trajectories attached when saved beside them."""
+    import torch
+
     from diffattr.attribution.base import Queries
     from diffattr.data.images import load_image, load_image_folder
     from diffattr.diffusion.sampling import SampleResult
@@ -202,18 +210,21 @@ def _load_queries(args: argparse.Namespace, shape: tuple[int, int, int]):
     if bool(args.image) == bool(args.images):
         raise SystemExit("error: give exactly one of --image FILE or --images FOLDER")
     folder = Path(args.images) if args.images else Path(args.image).parent
-    saved = None
-    if (folder / "sample.json").exists():
-        saved = SampleResult.load(folder)
-    if args.images:
-        images, names = load_image_folder(folder, shape)
+    # A folder written by `diffattr generate` also holds grid.png and the trajectories: its
+    # queries are exactly the numbered samples, each with the trajectory that produced it.
+    saved = SampleResult.load(folder) if (folder / "sample.json").exists() else None
+    by_name = {} if saved is None else {f"{i:04d}.png": i for i in range(saved.images.shape[0])}
+    if args.image:
+        names = [Path(args.image).name]
+    elif saved is not None:
+        names = sorted(by_name)
     else:
-        images, names = load_image(Path(args.image), shape)[None], [Path(args.image).name]
+        images, names = load_image_folder(folder, shape)
+        return Queries(images=images, names=names)
+    images = torch.stack([load_image(folder / n, shape) for n in names])
     trajectories = None
-    if saved is not None:
-        by_name = {f"{i:04d}.png": i for i in range(saved.images.shape[0])}
-        if all(n in by_name for n in names):
-            trajectories = [saved.trajectory(by_name[n]) for n in names]
+    if saved is not None and all(n in by_name for n in names):
+        trajectories = [saved.trajectory(by_name[n]) for n in names]
     return Queries(images=images, names=names, trajectories=trajectories)
 
 
@@ -264,7 +275,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from diffattr.demo import run_demo
 
-    run_demo(Path(args.out), config=args.config, seed=args.seed, progress=not args.quiet)
+    summary = run_demo(Path(args.out), config=args.config, seed=args.seed, progress=not args.quiet)
+    sys.stdout.write(f"query {summary['query']}: top-5 training images (id, score) per method\n")
+    for method, result in summary["methods"].items():
+        row = ", ".join(f"{tid} ({score:+.4g})" for tid, score in result["top5"])
+        sys.stdout.write(f"  {method:8s} {row}\n")
+    sys.stdout.write(f"report: {Path(args.out) / 'report.html'}\n")
     return 0
 
 
@@ -287,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--data-root", default=None, help="override data.root")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every checkpoint (TracIn scores over them: --option checkpoints=[...])",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample images (PNG + grid + trajectory) from a model")

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 # Methods the demo runs, with options small enough for a 2-core CPU.
 DEMO_METHODS: dict[str, dict[str, Any]] = {
-    "d-trak": {"timesteps": 10, "proj_dim": 1024},
-    "trak": {"timesteps": 10, "proj_dim": 1024},
+    "d-trak": {"timesteps": 10, "proj_dim": 2048, "projector": "kronecker"},
+    "trak": {"timesteps": 10, "proj_dim": 2048, "projector": "kronecker"},
     "pixel": {},
 }
 QUERY_INDEX = 3  # the example query, gen/0003.png

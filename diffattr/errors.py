@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input: the message names the file or field and what was expected."""
+
+
+class OptionError(UserError, ValueError):
+    """An unknown name (method, data set, output function) or an invalid option value."""

@@ -1,0 +1,562 @@
+"""Timestep-aware gradient featurization shared by every TRAK-family method.
+
+For a training (or query) image ``x0`` with id ``i``, a timestep ``t`` and a noise draw ``d``:
+``noise = noise_for(seed, i, t, d)``, ``x_t = scheduler.add_noise(x0, noise, t)``, the output
+function ``OUTPUTS[output](eps_theta(x_t, t), noise, t, ...)`` is differentiated with respect to the
+selected UNet parameters for this one sample, optionally unit-normalised, and randomly projected to
+``k`` dimensions. Features of the ``num_noise`` draws are averaged. ``per_step_features`` returns
+them per timestep ``(B, S, k)``; ``aggregate`` averages over steps (TRAK / D-TRAK) or keeps them
+(Journey-TRAK, DAS); ``featurize`` runs this over a data set into a resumable
+:class:`~diffattr.attribution.store.FeatureStore`.
+
+Normalisation (``normalize=True``) divides each (sample, t, draw) gradient by its exact L2 norm
+*before* projection. In the vmap path the norm is over all selected parameters; in the Kronecker
+path it is the exact norm over the parameters the projector covers (Linear/Conv2d weights and
+biases), computed from the captured factors without projecting. Draws are averaged after
+normalisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffattr.attribution.gradients import (
+    grad_sq_norms,
+    per_sample_grads,
+    scheduler_tables,
+    select_params,
+)
+from diffattr.attribution.outputs import OUTPUTS, get_output
+from diffattr.attribution.projectors import (
+    DenseProjector,
+    IdentityProjector,
+    KroneckerProjector,
+    ProjectorConfig,
+    make_projector,
+    projector_info,
+)
+from diffattr.attribution.store import (
+    MANIFEST,
+    STORE_KIND,
+    STORE_TORCH_DTYPES,
+    FeatureStore,
+    IncompleteStoreError,
+    StoreMismatchError,
+    complete_shards,
+    open_store_dir,
+    write_shard,
+)
+from diffattr.attribution.timesteps import TimestepPolicy, noise_for, validate_timesteps
+from diffattr.data.dataset import ImageDataset
+from diffattr.repro import to_jsonable, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "OUTPUTS",
+    "FeatureStore",
+    "FeaturizeArgs",
+    "NonFiniteGradientError",
+    "ProjectorConfig",
+    "StoreMismatchError",
+    "TimestepPolicy",
+    "aggregate",
+    "build_projector",
+    "featurize",
+    "per_step_features",
+]
+
+AnyProjector = IdentityProjector | DenseProjector | KroneckerProjector
+AGGREGATES = ("mean", "per-step")
+# Raw per-sample gradients pooled before one dense projection call (values do not depend on it).
+# Override with the environment variable DIFFATTR_PROJECT_BUFFER_MB.
+PROJECT_BUFFER_BYTES = int(float(os.environ.get("DIFFATTR_PROJECT_BUFFER_MB", "1024")) * 2**20)
+STORE_DTYPES = ("float32", "float16")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A per-sample gradient (or its projection) contained NaN or inf; names the sample and t."""
+
+
+@dataclass
+class FeaturizeArgs:
+    """Everything that decides a feature's value (recorded in a store's identity).
+
+    ``output``: a key of :data:`OUTPUTS`; ``timesteps``: which t to differentiate at;
+    ``num_noise``: noise draws per (sample, t), averaged; ``aggregate``: ``"mean"`` over timesteps
+    or ``"per-step"``; ``normalize``: unit-normalise each raw gradient before projection;
+    ``params``: fnmatch patterns of the parameters to differentiate (None = all);
+    ``batch_size``: (sample, t, draw) rows per gradient call; ``seed``: noise seed;
+    ``dtype``: store dtype ``"float32"`` or ``"float16"``; ``shard_size``: images per store shard;
+    ``label``: the method name recorded in a store (e.g. ``"trak"``).
+    """
+
+    output: str = "loss"
+    timesteps: TimestepPolicy = field(default_factory=TimestepPolicy)
+    num_noise: int = 1
+    aggregate: str = "mean"
+    normalize: bool = False
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    params: list[str] | None = None
+    batch_size: int = 16
+    seed: int = 0
+    dtype: str = "float32"
+    shard_size: int = 256
+    label: str = "features"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.timesteps, Mapping):
+            self.timesteps = TimestepPolicy(**dict(self.timesteps))
+        if isinstance(self.projector, Mapping):
+            self.projector = ProjectorConfig.from_dict(self.projector)
+        if isinstance(self.params, str):
+            self.params = [self.params]
+        self.validate()
+
+    def validate(self) -> None:
+        get_output(self.output)
+        if not isinstance(self.num_noise, int) or self.num_noise < 1:
+            raise ValueError(f"featurize.num_noise: expected an int >= 1, got {self.num_noise!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"featurize.aggregate: {self.aggregate!r} is not one of {AGGREGATES}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"featurize.batch_size: expected an int >= 1, got {self.batch_size!r}")
+        if not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ValueError(f"featurize.shard_size: expected an int >= 1, got {self.shard_size!r}")
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"featurize.dtype: {self.dtype!r} is not one of {STORE_DTYPES}")
+
+
+# -------------------------------------------------------------------------------- projector cache
+
+_PROJECTOR_CACHE: dict[tuple[Any, ...], tuple[AnyProjector, dict[str, torch.nn.Parameter]]] = {}
+
+
+def build_projector(
+    model: Any, args: FeaturizeArgs
+) -> tuple[AnyProjector, dict[str, torch.nn.Parameter]]:
+    """The projector and selected parameters for ``model`` under ``args`` (memoised per UNet).
+
+    Memoised so repeated ``per_step_features`` calls reuse generated dense blocks; rebuilding from
+    the same config gives the same matrices anyway.
+    """
+    params = select_params(model.unet, args.params)
+    key = (
+        id(model.unet),
+        tuple(sorted(args.projector.to_dict().items())),
+        tuple((n, tuple(p.shape)) for n, p in params.items()),
+    )
+    hit = _PROJECTOR_CACHE.get(key)
+    if hit is not None and all(
+        a is b for a, b in zip(hit[1].values(), params.values(), strict=True)
+    ):
+        return hit[0], params
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    proj = make_projector(args.projector, shapes, model=model.unet)
+    if len(_PROJECTOR_CACHE) >= 4:
+        _PROJECTOR_CACHE.pop(next(iter(_PROJECTOR_CACHE)))
+    _PROJECTOR_CACHE[key] = (proj, params)
+    return proj, params
+
+
+# ------------------------------------------------------------------------------ one batch of rows
+
+
+def _kronecker_rows(
+    model: Any,
+    proj: KroneckerProjector,
+    x_t: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    labels: Tensor | None,
+    output_fn: Callable[..., Tensor],
+    with_norms: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Projected features ``(R, k)`` (+ exact squared norms) from one ordinary batched backward.
+
+    Samples do not interact inside a UNet (GroupNorm and attention are per sample), so the gradient
+    of the *sum* of per-sample outputs at a layer's output is, row by row, each sample's own.
+    """
+    ac, betas = scheduler_tables(model, x_t.device, x_t.dtype)
+    with proj.capture() as calls, torch.enable_grad(), _weights_require_grad(proj):
+        # Projected weights require grad so every layer output is in the graph even for a frozen
+        # UNet; only gradients at the layer outputs are requested, so no weight gradient is formed.
+        eps = model.eps(x_t.detach(), t, labels)
+        total = output_fn(eps, noise, t, ac, betas).sum()
+        outs = [out for ly in proj.layers for (_, out) in calls[ly.name]]
+        grads = torch.autograd.grad(total, outs, allow_unused=True)
+    acts: dict[str, list[Tensor]] = {}
+    gouts: dict[str, list[Tensor]] = {}
+    it = iter(grads)
+    for ly in proj.layers:
+        acts[ly.name] = [a for (a, _) in calls[ly.name]]
+        gouts[ly.name] = []
+        for _, out in calls[ly.name]:
+            g = next(it)
+            gouts[ly.name].append(torch.zeros_like(out) if g is None else g.detach())
+    return proj.features(acts, gouts, with_norms=with_norms)
+
+
+@contextlib.contextmanager
+def _weights_require_grad(proj: KroneckerProjector) -> Iterator[None]:
+    weights: list[Tensor] = [cast(Tensor, ly.module.weight) for ly in proj.layers]
+    saved = [bool(w.requires_grad) for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        yield
+    finally:
+        for w, r in zip(weights, saved, strict=True):
+            w.requires_grad_(r)
+
+
+def _check_finite(values: Tensor, what: str, ids: Tensor, t: Tensor, draws: Tensor) -> None:
+    """Raise :class:`NonFiniteGradientError` naming the first bad row's sample id, t and draw."""
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        r = int(torch.nonzero(bad)[0])
+        raise NonFiniteGradientError(
+            f"non-finite {what} for sample id {int(ids[r])} at timestep {int(t[r])} "
+            f"(noise draw {int(draws[r])}); {int(bad.sum())} of {len(bad)} rows in this batch are "
+            "affected. Check the model weights and the output function; nothing was stored."
+        )
+
+
+def _noisy_rows(
+    model: Any, x0: Tensor, ids: Tensor, t: Tensor, draws: Tensor, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_t, noise, t)`` on ``x0``'s device for rows ``x0`` ``(R, C, H, W)``."""
+    shape = tuple(x0.shape[1:])
+    noise = torch.stack(
+        [
+            noise_for(seed, int(i), int(tt), int(d), shape)
+            for i, tt, d in zip(ids.tolist(), t.tolist(), draws.tolist(), strict=True)
+        ]
+    ).to(device=x0.device, dtype=x0.dtype)
+    t_dev = t.to(x0.device)
+    return model.scheduler.add_noise(x0, noise, t_dev), noise, t_dev
+
+
+def _kronecker_features(
+    model: Any,
+    proj: KroneckerProjector,
+    rows: _Rows,
+    labels: Tensor | None,
+    args: FeaturizeArgs,
+) -> Tensor:
+    """Kronecker-projected features ``(R, k)`` of one chunk of rows (normalised if asked)."""
+    x_t, noise, t_dev = _noisy_rows(model, rows.x0, rows.ids, rows.t, rows.draws, args.seed)
+    feats, sq = _kronecker_rows(
+        model, proj, x_t, t_dev, noise, labels, OUTPUTS[args.output], with_norms=args.normalize
+    )
+    _check_finite(feats, "gradient", rows.ids, rows.t, rows.draws)
+    if sq is not None:
+        _check_finite(sq, "gradient norm", rows.ids, rows.t, rows.draws)
+        feats = feats / sq.sqrt().clamp_min(1e-30)[:, None].to(feats.dtype)
+    return feats
+
+
+def _row_grads(
+    model: Any,
+    params: dict[str, torch.nn.Parameter],
+    rows: _Rows,
+    labels: Tensor | None,
+    args: FeaturizeArgs,
+) -> dict[str, Tensor]:
+    """Per-row raw gradients name -> ``(R, *shape)`` (checked finite, normalised if asked)."""
+    x_t, noise, t_dev = _noisy_rows(model, rows.x0, rows.ids, rows.t, rows.draws, args.seed)
+    grads = per_sample_grads(model, x_t, t_dev, noise, OUTPUTS[args.output], params, labels)
+    sq = grad_sq_norms(grads)
+    _check_finite(sq, "gradient", rows.ids, rows.t, rows.draws)
+    if args.normalize:
+        inv = 1.0 / sq.sqrt().clamp_min(1e-30)
+        grads = {
+            n: g * inv.reshape(-1, *([1] * (g.ndim - 1))).to(g.dtype) for n, g in grads.items()
+        }
+    return grads
+
+
+@dataclass
+class _Rows:
+    """One chunk of (sample, t, draw) rows: clean images ``(R, C, H, W)`` and int64 ``(R,)``s."""
+
+    x0: Tensor
+    ids: Tensor
+    t: Tensor
+    draws: Tensor
+
+
+def per_step_features(
+    model: Any,
+    x0: Tensor,
+    ids: Tensor,
+    timesteps: list[int],
+    args: FeaturizeArgs,
+    class_labels: Tensor | None = None,
+) -> Tensor:
+    """Projected per-timestep gradient features ``(B, S, k)`` (float32 or the projector dtype).
+
+    ``x0``: ``(B, C, H, W)``, or ``(B, S, C, H, W)`` for a different clean image per step
+    (Journey-TRAK); ``ids``: ``(B,)`` sample ids (seed the noise); ``timesteps``: ``S`` ints in
+    ``[0, T)``; ``class_labels``: ``(B,)`` for a class-conditional model. Averaged over
+    ``args.num_noise`` draws; each raw gradient unit-normalised first if ``args.normalize``.
+    """
+    args.validate()
+    ids = torch.as_tensor(ids, dtype=torch.int64).flatten().cpu()
+    B = int(ids.shape[0])
+    if x0.ndim not in (4, 5) or x0.shape[0] != B:
+        raise ValueError(
+            f"per_step_features: x0 must be (B, C, H, W) or (B, S, C, H, W) with B = {B} ids, "
+            f"got {tuple(x0.shape)}"
+        )
+    validate_timesteps(list(timesteps), int(model.scheduler.config.num_train_timesteps))
+    timesteps = [int(v) for v in timesteps]
+    S = len(timesteps)
+    if x0.ndim == 5 and x0.shape[1] != S:
+        raise ValueError(f"per_step_features: x0 has {x0.shape[1]} steps, timesteps has {S}")
+    if class_labels is not None and tuple(class_labels.shape) != (B,):
+        raise ValueError(
+            f"per_step_features: class_labels must be ({B},), got {tuple(class_labels.shape)}"
+        )
+    image_shape = getattr(model, "image_shape", None)
+    if image_shape is not None and tuple(x0.shape[-3:]) != tuple(image_shape):
+        raise ValueError(
+            f"per_step_features: images are {tuple(x0.shape[-3:])}, the model takes {tuple(image_shape)}"
+        )
+    proj, params = build_projector(model, args)
+    device = model.device
+    with _eval_mode(model.unet):
+        return _features(model, proj, params, x0, ids, timesteps, args, class_labels, device)
+
+
+@contextlib.contextmanager
+def _eval_mode(unet: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while differentiating (a feature must not depend on dropout noise)."""
+    was_training = unet.training
+    unet.eval()
+    try:
+        yield
+    finally:
+        unet.train(was_training)
+
+
+def _features(
+    model: Any,
+    proj: AnyProjector,
+    params: dict[str, torch.nn.Parameter],
+    x0: Tensor,
+    ids: Tensor,
+    timesteps: list[int],
+    args: FeaturizeArgs,
+    class_labels: Tensor | None,
+    device: torch.device,
+) -> Tensor:
+    """Body of :func:`per_step_features` (arguments already checked)."""
+    B, S, D = int(ids.shape[0]), len(timesteps), args.num_noise
+    # Rows in (sample, step, draw) order.
+    b_idx = torch.arange(B).repeat_interleave(S * D)
+    s_idx = torch.arange(S).repeat_interleave(D).repeat(B)
+    d_idx = torch.arange(D).repeat(B * S)
+    t_rows = torch.tensor(timesteps, dtype=torch.int64)[s_idx]
+    out: list[Tensor] = []
+    # Dense projection regenerates its matrix blocks on every call (beyond the cache), so raw
+    # gradients of several chunks are pooled (up to PROJECT_BUFFER_BYTES) and projected together.
+    pending: list[tuple[dict[str, Tensor], _Rows]] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending_bytes
+        if not pending:
+            return
+        assert not isinstance(proj, KroneckerProjector)
+        grads = {n: torch.cat([g[n] for g, _ in pending]) for n in pending[0][0]}
+        feats = proj.project(grads)
+        meta = [r for _, r in pending]
+        _check_finite(
+            feats,
+            "projected gradient",
+            torch.cat([r.ids for r in meta]),
+            torch.cat([r.t for r in meta]),
+            torch.cat([r.draws for r in meta]),
+        )
+        out.append(feats)
+        pending.clear()
+        pending_bytes = 0
+
+    for r0 in range(0, B * S * D, args.batch_size):
+        sl = slice(r0, r0 + args.batch_size)
+        bi, si = b_idx[sl], s_idx[sl]
+        xr = (x0[bi, si] if x0.ndim == 5 else x0[bi]).to(device)
+        rows = _Rows(xr, ids[bi], t_rows[sl], d_idx[sl])
+        labels = None if class_labels is None else class_labels[bi].to(device)
+        if isinstance(proj, KroneckerProjector):
+            out.append(_kronecker_features(model, proj, rows, labels, args))
+            continue
+        grads = _row_grads(model, params, rows, labels, args)
+        pending.append((grads, rows))
+        pending_bytes += sum(g.numel() * g.element_size() for g in grads.values())
+        if not isinstance(proj, DenseProjector) or pending_bytes >= PROJECT_BUFFER_BYTES:
+            flush()
+    flush()
+    k = out[0].shape[1]
+    return torch.cat(out).reshape(B, S, D, k).mean(dim=2)
+
+
+def aggregate(feats: Tensor, how: str) -> Tensor:
+    """``(B, S, k)`` -> ``(B, k)`` mean over timesteps (``"mean"``) or unchanged (``"per-step"``)."""
+    if feats.ndim != 3:
+        raise ValueError(f"aggregate: features must be (B, S, k), got {tuple(feats.shape)}")
+    if how == "mean":
+        return feats.mean(dim=1)
+    if how == "per-step":
+        return feats
+    raise ValueError(f"aggregate: {how!r} is not one of {AGGREGATES}")
+
+
+# ------------------------------------------------------------------------------- whole data sets
+
+
+def _dist(accelerator: Any) -> tuple[int, int]:
+    if accelerator is None:
+        return 0, 1
+    return int(accelerator.process_index), int(accelerator.num_processes)
+
+
+def _barrier(accelerator: Any) -> None:
+    if accelerator is not None and int(accelerator.num_processes) > 1:
+        accelerator.wait_for_everyone()
+
+
+def store_identity(
+    model: Any, data: Any, args: FeaturizeArgs, proj: AnyProjector, feature_shape: tuple[int, ...]
+) -> dict[str, Any]:
+    """Everything that decides a store's values (compared field by field when it is reopened)."""
+    dense = args.projector.kind in ("gaussian", "rademacher")
+    return {
+        "label": args.label,
+        "output": args.output,
+        "timesteps": args.timesteps.timesteps(),
+        "timestep_policy": to_jsonable(args.timesteps),
+        "num_noise": args.num_noise,
+        "aggregate": args.aggregate,
+        "normalize": args.normalize,
+        "projector": args.projector.to_dict(),
+        # Dense matrices come from the generator of the device (CPU vs CUDA Philox streams differ).
+        "projector_device_type": model.device.type if dense else "any",
+        "params": args.params,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "shard_size": args.shard_size,
+        "model_hash": model.model_hash(),
+        "data_hash": data.data_hash(),
+        "n": len(data),
+        "feature_shape": list(feature_shape),
+        "feature_dim": proj.dim,
+    }
+
+
+def featurize(
+    model: Any,
+    data: ImageDataset,
+    out: str | Path,
+    args: FeaturizeArgs,
+    accelerator: Any = None,
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> FeatureStore:
+    """Featurize every image of ``data`` into the resumable feature store at ``out``.
+
+    Images are cut into shards of ``args.shard_size`` (in ``data`` order); shards already complete
+    on disk are skipped, so rerunning after a kill computes only the missing ones. With an
+    ``accelerator`` (``accelerate.Accelerator``) of ``world`` processes, shard ``i`` is computed by
+    process ``i % world``; process 0 then checks every shard and marks the store complete.
+    Returns the opened store (features ``(n, k)``, or ``(n, S, k)`` for ``aggregate="per-step"``).
+    ``on_shard(i)`` is called after shard ``i`` is written (tests use it to simulate a kill).
+    Raises :class:`StoreMismatchError` when ``out`` holds a store made otherwise.
+    """
+    args.validate()
+    out = Path(out)
+    rank, world = _dist(accelerator)
+    if accelerator is not None:
+        model.to(accelerator.device)
+    T = int(model.scheduler.config.num_train_timesteps)
+    if args.timesteps.num_train_timesteps != T:
+        raise ValueError(
+            f"timesteps.num_train_timesteps is {args.timesteps.num_train_timesteps} but the model's "
+            f"scheduler has {T} training timesteps"
+        )
+    if len(data) == 0:
+        raise ValueError(f"featurize: data set {data.name!r} is empty")
+    n = len(data)
+    timesteps = args.timesteps.timesteps()
+    proj, _ = build_projector(model, args)
+    fshape = (n, proj.dim) if args.aggregate == "mean" else (n, len(timesteps), proj.dim)
+    identity = store_identity(model, data, args, proj, fshape)
+
+    # Process 0 creates (or checks) the folder first so the others never race to create it.
+    if rank == 0:
+        open_store_dir(out, identity, extra={"batch_size": args.batch_size})
+    _barrier(accelerator)
+    if rank != 0:
+        open_store_dir(out, identity)
+
+    starts = list(range(0, n, args.shard_size))
+    shard_rows = [min(args.shard_size, n - s) for s in starts]
+    manifest = {
+        "kind": STORE_KIND,
+        "identity": identity,
+        "ids": [int(i) for i in data.ids.tolist()],
+        "num_shards": len(starts),
+        "feature_shape": list(fshape),
+        "projector_info": to_jsonable(projector_info(proj)),
+        "complete": False,
+    }
+    if rank == 0 and not (out / MANIFEST).exists():
+        write_json_atomic(out / MANIFEST, manifest)
+
+    mine = [i for i in range(len(starts)) if i % world == rank]
+    done = set(complete_shards(out, shard_rows, mine))
+    todo = [i for i in mine if i not in done]
+    if done:
+        log.info(
+            "%s: %d of %d shards already done; computing %d", out, len(done), len(mine), len(todo)
+        )
+    use_labels = getattr(model, "num_classes", None) is not None and data.labels is not None
+    store_dtype = STORE_TORCH_DTYPES[args.dtype]
+    for i in tqdm(
+        todo, desc=f"featurize {args.label}", unit="shard", disable=not progress or rank != 0
+    ):
+        sl = slice(starts[i], starts[i] + shard_rows[i])
+        labels = data.labels[sl] if use_labels and data.labels is not None else None
+        feats = per_step_features(model, data.images[sl], data.ids[sl], timesteps, args, labels)
+        feats = aggregate(feats, args.aggregate).to(torch.float32).cpu()
+        if store_dtype == torch.float16 and bool((feats.abs() > 65504).any()):
+            raise ValueError(
+                f"featurize: features of shard {i} exceed the float16 range (max |value| "
+                f"{float(feats.abs().max()):.3g}); use dtype='float32' or normalize=True"
+            )
+        write_shard(out, i, feats.to(store_dtype), data.ids[sl])
+        if on_shard is not None:
+            on_shard(i)
+
+    _barrier(accelerator)
+    if rank == 0:
+        missing = sorted(set(range(len(starts))) - set(complete_shards(out, shard_rows)))
+        if missing:
+            raise IncompleteStoreError(
+                f"{out}: shards {missing[:10]} were not written by any process"
+            )
+        manifest["complete"] = True
+        write_json_atomic(out / MANIFEST, manifest)
+    _barrier(accelerator)
+    return FeatureStore.open(out)

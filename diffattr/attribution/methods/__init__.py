@@ -1,0 +1,1 @@
+"""Attribution methods, one module per method (build them with ``diffattr.attribution.registry``)."""

@@ -1,0 +1,382 @@
+"""What the gradient methods share: options, feature folders, query featurization, the base class.
+
+The common composition is: featurize the training set into a :class:`FeatureStore` inside
+``work_dir`` (one subfolder per method and settings, reused when it exists), featurize the queries in
+memory with the same settings, and score with a kernel. :class:`FeatureAttributor` implements it;
+a method supplies its featurization settings and its kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffattr.attribution.base import Queries, Scores
+from diffattr.attribution.featurize import FeaturizeArgs, aggregate, featurize, per_step_features
+from diffattr.attribution.projectors import PROJECTOR_KINDS, ProjectorConfig
+from diffattr.attribution.timesteps import TimestepPolicy
+from diffattr.data.dataset import ImageDataset
+from diffattr.repro import derive_seed, to_jsonable
+
+log = logging.getLogger(__name__)
+
+
+def _positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what}: expected an int >= 1, got {value!r}")
+
+
+@dataclass
+class BaseGradOptions:
+    """Gradient settings every gradient method shares.
+
+    ``num_noise``: noise draws averaged per timestep (training features). ``projector`` /
+    ``proj_dim`` / ``proj_seed``: the random projection of gradients to ``proj_dim`` dimensions
+    (``identity`` keeps all of them). ``params``: fnmatch patterns of the UNet parameters to
+    differentiate (None: all). ``batch_size``: gradient rows per call. ``seed``: seeds the noise.
+    """
+
+    num_noise: int = 1
+    projector: str = "gaussian"
+    proj_dim: int = 2048
+    proj_seed: int = 0
+    params: list[str] | None = None
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int(self.num_noise, "num_noise")
+        _positive_int(self.proj_dim, "proj_dim")
+        _positive_int(self.batch_size, "batch_size")
+        if self.projector not in PROJECTOR_KINDS:
+            raise ValueError(
+                f"projector: {self.projector!r} is unknown; expected one of {PROJECTOR_KINDS}"
+            )
+        if self.params is not None:
+            if isinstance(self.params, str):
+                self.params = [self.params]
+            self.params = [str(p) for p in self.params]
+
+
+def _as_float(value: Any, what: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a number, got {value!r}") from None
+    if not np.isfinite(out):
+        raise ValueError(f"{what}: expected a finite number, got {value!r}")
+    return out
+
+
+def _check_lambda(lam: float | None, lambda_scale: float) -> None:
+    if lam is not None and _as_float(lam, "lam") < 0:
+        raise ValueError(f"lam: expected a finite value >= 0 or None, got {lam!r}")
+    if _as_float(lambda_scale, "lambda_scale") <= 0:
+        raise ValueError(f"lambda_scale: expected > 0, got {lambda_scale!r}")
+
+
+@dataclass
+class GradientOptions(BaseGradOptions):
+    """Plus the timesteps: ``timesteps`` evenly spaced ones (``timestep_kind="uniform"``) or drawn
+    at random (``"random"``); ``timestep_values`` gives an explicit list instead."""
+
+    timesteps: int = 10
+    timestep_kind: str = "uniform"
+    timestep_values: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int(self.timesteps, "timesteps")
+        if self.timestep_kind not in ("uniform", "random", "list"):
+            raise ValueError(
+                f"timestep_kind: {self.timestep_kind!r} is unknown; expected uniform, random or list"
+            )
+        if self.timestep_values is not None:
+            self.timestep_values = [int(v) for v in self.timestep_values]
+            self.timestep_kind = "list"
+        elif self.timestep_kind == "list":
+            raise ValueError("timestep_values: timestep_kind 'list' needs timestep_values")
+
+    def timestep_policy(self, num_train_timesteps: int) -> TimestepPolicy:
+        return TimestepPolicy(
+            kind=self.timestep_kind,
+            count=self.timesteps,
+            values=self.timestep_values,
+            seed=self.seed,
+            num_train_timesteps=num_train_timesteps,
+        )
+
+
+@dataclass
+class KernelOptions(GradientOptions):
+    """``lam``: TRAK ridge (None: ``lambda_scale * trace(Phi^T Phi) / k``, see scoring.py)."""
+
+    lam: float | None = None
+    lambda_scale: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_lambda(self.lam, self.lambda_scale)
+        self.lam = None if self.lam is None else float(self.lam)
+        self.lambda_scale = float(self.lambda_scale)
+
+
+def make_featurize_args(
+    opts: BaseGradOptions,
+    model: Any,
+    output: str,
+    label: str,
+    normalize: bool = False,
+    aggregate_how: str = "mean",
+    timesteps: list[int] | None = None,
+    num_noise: int | None = None,
+) -> FeaturizeArgs:
+    """The engine's :class:`FeaturizeArgs` for these options (``timesteps`` overrides the policy)."""
+    T = int(model.scheduler.config.num_train_timesteps)
+    if timesteps is not None:
+        policy = TimestepPolicy(
+            kind="list", values=[int(t) for t in timesteps], num_train_timesteps=T
+        )
+    elif isinstance(opts, GradientOptions):
+        policy = opts.timestep_policy(T)
+    else:
+        raise ValueError(f"{label}: timesteps must be given explicitly for these options")
+    return FeaturizeArgs(
+        output=output,
+        timesteps=policy,
+        num_noise=opts.num_noise if num_noise is None else num_noise,
+        aggregate=aggregate_how,
+        normalize=normalize,
+        projector=ProjectorConfig(kind=opts.projector, dim=opts.proj_dim, seed=opts.proj_seed),
+        params=opts.params,
+        batch_size=opts.batch_size,
+        seed=opts.seed,
+        label=label,
+    )
+
+
+def short_hash(*parts: Any) -> str:
+    """10 hex digits of sha256 over the JSON of ``parts`` (folder names)."""
+    text = json.dumps(to_jsonable(list(parts)), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def query_ids(names: list[str]) -> Tensor:
+    """A stable int64 id per query name, so a query's noise never depends on its batch-mates."""
+    return torch.tensor([derive_seed("query", n) >> 2 for n in names], dtype=torch.int64)
+
+
+def labels_for(model: Any, labels: Tensor | None, n: int, what: str) -> Tensor | None:
+    """Class labels to pass to the model (None for an unconditional one)."""
+    if getattr(model, "num_classes", None) is None:
+        return None
+    if labels is None:
+        raise ValueError(f"{what}: the model is class-conditional; the images need labels")
+    if labels.shape != (n,):
+        raise ValueError(f"{what}: labels must have shape ({n},), got {tuple(labels.shape)}")
+    return labels.to(torch.int64)
+
+
+def kernel_device(model: Any) -> torch.device:
+    """Where float64 kernel algebra runs: the model's CUDA device, else the CPU (MPS has no
+    float64)."""
+    dev = torch.device(model.device)
+    return dev if dev.type == "cuda" else torch.device("cpu")
+
+
+class WorkDir:
+    """The method's cache folder: ``work_dir`` or a temporary folder deleted with this object."""
+
+    def __init__(self, work_dir: Path | None) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if work_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="diffattr-attr-")
+            self.path = Path(self._tmp.name)
+        else:
+            self.path = Path(work_dir)
+        self.temporary = work_dir is None
+
+    def sub(self, name: str) -> Path:
+        return self.path / name
+
+
+def store_folder(
+    work: WorkDir, method: str, args: FeaturizeArgs, model: Any, data: ImageDataset, tag: str = ""
+) -> Path:
+    """``<work_dir>/<method>[-tag]-<hash>``; the hash covers settings, model and data.
+
+    Including model and data hashes means another model or training subset gets its own folder
+    instead of a refusal from the store.
+    """
+    # batch_size does not change feature values (the store records it without comparing it).
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k != "batch_size"}
+    h = short_hash(method, settings, model.model_hash(), data.data_hash())
+    return work.sub(f"{method}{'-' + tag if tag else ''}-{h}")
+
+
+def train_features(
+    model: Any,
+    train: ImageDataset,
+    args: FeaturizeArgs,
+    folder: Path,
+    progress: bool,
+) -> Tensor:
+    """Training features in ``train.ids`` order, ``(n, k)`` or ``(n, S, k)`` float32.
+
+    Featurizes into ``folder`` (resuming / reusing what is there) via the engine's ``featurize``.
+    """
+    store = featurize(model, train, folder, args, progress=progress)
+    feats = torch.as_tensor(store.features, dtype=torch.float32)
+    ids = torch.as_tensor(np.asarray(store.ids), dtype=torch.int64)
+    want = train.ids.to(torch.int64)
+    if not torch.equal(ids, want):
+        pos = {int(i): j for j, i in enumerate(ids.tolist())}
+        missing = [int(i) for i in want.tolist() if int(i) not in pos]
+        if missing:
+            raise ValueError(f"{folder}: feature store lacks training ids {missing[:5]}")
+        feats = feats[torch.tensor([pos[int(i)] for i in want.tolist()])]
+    return feats
+
+
+def featurize_images(
+    model: Any,
+    images: Tensor,
+    ids: Tensor,
+    labels: Tensor | None,
+    timesteps: list[int],
+    args: FeaturizeArgs,
+    how: str,
+    progress: bool = False,
+) -> Tensor:
+    """In-memory features of ``images`` ``(m, C, H, W)`` or ``(m, S, C, H, W)``.
+
+    Returns ``(m, k)`` (``how="mean"``) or ``(m, S, k)`` (``"per-step"``), float32 on CPU.
+    """
+    out = []
+    starts = range(0, images.shape[0], args.batch_size)
+    for start in tqdm(starts, desc="query features", disable=not progress, leave=False):
+        sl = slice(start, start + args.batch_size)
+        x = images[sl].to(model.device)
+        y = None if labels is None else labels[sl].to(model.device)
+        f = per_step_features(model, x, ids[sl], timesteps, args, class_labels=y)
+        out.append(aggregate(f, how).detach().to("cpu", torch.float32))
+    return torch.cat(out)
+
+
+class FeatureAttributor:
+    """Featurize train into a store, featurize queries in memory, score with a kernel.
+
+    Subclasses set ``name`` and implement :meth:`train_args`, :meth:`prepare` (build the kernel
+    from training features) and :meth:`kernel_scores`; :meth:`query_args` defaults to the
+    training settings.
+    """
+
+    name: str = "feature"
+
+    def __init__(self, model: Any, work_dir: Path | None, options: Any, progress: bool = False):
+        self.model = model
+        self.options = options
+        self.progress = progress
+        self.work = WorkDir(work_dir)
+        self.train: ImageDataset | None = None
+        self.timing: dict[str, float] = {}
+        self.info: dict[str, Any] = {}
+
+    # -- hooks
+    def train_args(self) -> FeaturizeArgs:
+        raise NotImplementedError
+
+    def query_args(self) -> FeaturizeArgs:
+        return self.train_args()
+
+    def prepare(self, train_feats: Tensor, train: ImageDataset) -> None:
+        raise NotImplementedError
+
+    def kernel_scores(self, query_feats: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- protocol
+    def fit(self, train: ImageDataset) -> None:
+        """Featurize ``train`` (or reuse its store) and build the kernel."""
+        if len(train) == 0:
+            raise ValueError(f"{self.name}: empty training set")
+        args = self.train_args()
+        folder = store_folder(self.work, self.name, args, self.model, train)
+        t0 = time.perf_counter()
+        feats = train_features(self.model, train, args, folder, self.progress)
+        self.timing["featurize_train_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.prepare(feats, train)
+        self.timing["prepare_s"] = time.perf_counter() - t0
+        self.info["store"] = None if self.work.temporary else str(folder)
+        self.train = train
+
+    def score(self, queries: Queries) -> Scores:
+        train = self.require_fit()
+        args = self.query_args()
+        t0 = time.perf_counter()
+        q = featurize_images(
+            self.model,
+            queries.images,
+            query_ids(queries.names),
+            labels_for(self.model, queries.labels, len(queries), "queries"),
+            args.timesteps.timesteps(),
+            args,
+            "mean",
+            progress=self.progress,
+        )
+        self.timing["featurize_queries_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        values = self.kernel_scores(q)
+        self.timing["score_s"] = time.perf_counter() - t0
+        return make_scores(self, train, queries, values)
+
+    def require_fit(self) -> ImageDataset:
+        if self.train is None:
+            raise RuntimeError(f"{self.name}: call fit(train) before score(queries)")
+        return self.train
+
+    def config(self) -> dict[str, Any]:
+        """Options + what was derived (lambda, timesteps) + timing, all JSON-able."""
+        return {
+            "options": to_jsonable(self.options),
+            "model_hash": self.model.model_hash(),
+            **to_jsonable(self.info),
+            "timing": dict(self.timing),
+        }
+
+
+def make_scores(
+    method: Any,
+    train: ImageDataset,
+    queries: Queries,
+    values: Tensor | np.ndarray,
+    per_step: Tensor | np.ndarray | None = None,
+    step_timesteps: Tensor | np.ndarray | None = None,
+) -> Scores:
+    """A :class:`Scores` with columns in ``train.ids`` order and the method's config."""
+    return Scores(
+        values=np.asarray(torch.as_tensor(values, dtype=torch.float32).cpu().numpy()),
+        train_ids=train.ids.cpu().numpy(),
+        query_names=list(queries.names),
+        method=method.name,
+        config=method.config(),
+        per_step=None
+        if per_step is None
+        else np.asarray(torch.as_tensor(per_step, dtype=torch.float32).cpu().numpy()),
+        step_timesteps=None
+        if step_timesteps is None
+        else np.asarray(torch.as_tensor(step_timesteps, dtype=torch.int64).cpu().numpy()),
+    )

@@ -1,0 +1,194 @@
+"""The README's command sequence on a tiny model: train -> generate -> featurize -> attribute.
+
+Checks that the CLI's results are exactly what the Python API gives for the same inputs, that
+trajectories saved by `generate` reach Journey-TRAK, and that reopening a feature folder with other
+arguments or another model is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from diffattr.attribution.base import Queries, Scores
+from diffattr.attribution.registry import make_attributor
+from diffattr.cli import main
+from diffattr.config import DataConfig
+from diffattr.data import load_dataset
+from diffattr.data.images import load_image
+from diffattr.diffusion.model import load_model
+
+TINY = {
+    "seed": 0,
+    "data": {"source": "digits-2", "size": 8, "limit": 24},
+    "model": {
+        "sample_size": 8,
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 4,
+        "attention_head_dim": 4,
+    },
+    "scheduler": {"num_train_timesteps": 100},
+    "train": {"steps": 6, "batch_size": 8, "lr_warmup_steps": 2, "checkpoint_every": 3},
+    "sample": {"num_inference_steps": 4},
+}
+TRAK_ARGS = ["--timesteps", "2", "--proj-dim", "16", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    paths = {"root": root, "cfg": cfg, "run": root / "run", "gen": root / "gen"}
+    assert main(["-q", "train", "--config", str(cfg), "--out", str(paths["run"])]) == 0
+    gen_args = ["-q", "generate", "--model", str(paths["run"]), "--n", "3", "--seed", "0"]
+    assert main([*gen_args, "--steps", "4", "--out", str(paths["gen"])]) == 0
+    return paths
+
+
+def test_generate_writes_pngs_grid_and_trajectory(workspace):
+    gen = workspace["gen"]
+    for name in ["0000.png", "0001.png", "0002.png", "grid.png", "trajectory.safetensors"]:
+        assert (gen / name).exists(), name
+
+
+def test_attribute_matches_the_python_api(workspace, capsys):
+    run, gen, feats = workspace["run"], workspace["gen"], workspace["root"] / "feats-trak"
+    assert (
+        main(
+            [
+                "-q",
+                "featurize",
+                "--model",
+                str(run),
+                "--method",
+                "trak",
+                "--out",
+                str(feats),
+                *TRAK_ARGS,
+            ]
+        )
+        == 0
+    )
+    out = workspace["root"] / "scores"
+    code = main(
+        [
+            "-q",
+            "attribute",
+            "--model",
+            str(run),
+            "--features",
+            str(feats),
+            "--images",
+            str(gen),
+            "--top-k",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    cli_scores = Scores.load(out)
+    assert cli_scores.query_names == ["0000.png", "0001.png", "0002.png"]  # grid.png is no query
+
+    model = load_model(run)
+    train = load_dataset(DataConfig(source="digits-2", size=8, limit=24))
+    images = torch.stack([load_image(gen / n, model.image_shape) for n in cli_scores.query_names])
+    attributor = make_attributor(
+        "trak", model, work_dir=feats, timesteps=2, proj_dim=16, batch_size=8
+    )
+    attributor.fit(train)
+    api_scores = attributor.score(Queries(images=images, names=cli_scores.query_names))
+    np.testing.assert_array_equal(cli_scores.train_ids, train.ids.numpy())
+    np.testing.assert_allclose(cli_scores.values, api_scores.values, rtol=1e-5, atol=1e-6)
+    best_id, _ = api_scores.top_k(1)[0][0]
+    assert f"id {best_id:6d}" in printed
+
+
+def test_journey_trak_gets_the_saved_trajectory(workspace):
+    run, gen, feats = workspace["run"], workspace["gen"], workspace["root"] / "feats-journey"
+    args = ["--proj-dim", "16", "--batch-size", "8", "--option", "query_draws=1"]
+    assert (
+        main(
+            [
+                "-q",
+                "featurize",
+                "--model",
+                str(run),
+                "--method",
+                "journey-trak",
+                "--out",
+                str(feats),
+                *args,
+            ]
+        )
+        == 0
+    )
+    out = workspace["root"] / "scores-journey"
+    image = str(gen / "0001.png")
+    assert (
+        main(
+            [
+                "-q",
+                "attribute",
+                "--model",
+                str(run),
+                "--features",
+                str(feats),
+                "--image",
+                image,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    scores = Scores.load(out)
+    assert scores.per_step is not None and scores.per_step.shape[:2] == (4, 1)
+    np.testing.assert_allclose(scores.values, scores.per_step.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_feature_folder_refuses_other_arguments_and_models(workspace, caplog):
+    run, feats = workspace["run"], workspace["root"] / "feats-pixel"
+    assert (
+        main(["-q", "featurize", "--model", str(run), "--method", "pixel", "--out", str(feats)])
+        == 0
+    )
+    code = main(
+        [
+            "-q",
+            "featurize",
+            "--model",
+            str(run),
+            "--method",
+            "trak",
+            "--out",
+            str(feats),
+            *TRAK_ARGS,
+        ]
+    )
+    assert code == 2 and "method" in caplog.text
+
+    other = workspace["root"] / "other-run"
+    cfg = yaml.safe_load(workspace["cfg"].read_text())
+    cfg["seed"] = 1
+    (workspace["root"] / "other.yaml").write_text(yaml.safe_dump(cfg))
+    assert (
+        main(
+            ["-q", "train", "--config", str(workspace["root"] / "other.yaml"), "--out", str(other)]
+        )
+        == 0
+    )
+    caplog.clear()
+    image = str(workspace["gen"] / "0000.png")
+    code = main(
+        ["-q", "attribute", "--model", str(other), "--features", str(feats), "--image", image]
+    )
+    assert code == 2 and "model hash" in caplog.text

@@ -1,0 +1,414 @@
+"""Each attribution method against its formula, computed here from explicit autograd gradients.
+
+The references below take one ``torch.autograd.grad`` per (image, timestep, noise draw) on a tiny
+UNet, with the same noise the featurizer uses (``noise_for``), the identity projector (so features
+are raw gradients of the selected parameters), and closed-form kernels in float64 numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from diffattr.attribution.base import Queries, Trajectory
+from diffattr.attribution.methods.common import query_ids
+from diffattr.attribution.registry import ATTRIBUTORS, list_attributors, make_attributor
+from diffattr.attribution.timesteps import noise_for
+from diffattr.data.dataset import ImageDataset
+from diffattr.diffusion.model import DiffusionModel, load_model, save_model
+
+PARAMS = ["conv_in.*", "conv_out.*"]
+BASE = dict(projector="identity", params=PARAMS, batch_size=5, seed=3)
+T_TRAIN = 100
+
+
+def tiny_model(seed: int = 0) -> DiffusionModel:
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    unet.eval()
+    return DiffusionModel(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=T_TRAIN))
+
+
+@pytest.fixture(scope="module")
+def model() -> DiffusionModel:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def train() -> ImageDataset:
+    g = torch.Generator().manual_seed(11)
+    return ImageDataset(
+        "toy", torch.rand(5, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([7, 3, 20, 4, 9])
+    )
+
+
+@pytest.fixture(scope="module")
+def queries() -> Queries:
+    g = torch.Generator().manual_seed(12)
+    return Queries(images=torch.rand(3, 1, 8, 8, generator=g) * 2 - 1, names=["a", "b", "c"])
+
+
+# ------------------------------------------------------------------------------ references
+
+
+def outputs(name: str, eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    if name == "loss":
+        return ((eps - noise) ** 2).mean()
+    if name == "square":
+        return (eps**2).mean()
+    if name == "average":
+        return eps.mean()
+    raise KeyError(name)
+
+
+def ref_grad(
+    m: DiffusionModel, x0: torch.Tensor, sid: int, t: int, draw: int, output: str, seed: int
+) -> np.ndarray:
+    """Gradient (float64 numpy, selected params in named order) for one image, t and draw."""
+    params = [p for n, p in m.unet.named_parameters() if n.startswith(("conv_in.", "conv_out."))]
+    noise = noise_for(seed, sid, t, draw, tuple(x0.shape))
+    tt = torch.tensor([t])
+    x_t = m.scheduler.add_noise(x0[None], noise[None], tt)
+    with torch.enable_grad():
+        eps = m.unet(x_t, tt).sample
+        val = outputs(output, eps, noise[None])
+        gs = torch.autograd.grad(val, params)
+    return torch.cat([g.flatten() for g in gs]).double().numpy()
+
+
+def ref_features(
+    m: DiffusionModel,
+    images: torch.Tensor,
+    ids: list[int],
+    ts: list[int],
+    output: str = "loss",
+    normalize: bool = False,
+    draws: int = 1,
+    seed: int = 3,
+) -> np.ndarray:
+    """Mean over timesteps and draws of (optionally unit-normalised) gradients: ``(n, k)``."""
+    rows = []
+    for x0, sid in zip(images, ids, strict=True):
+        acc = []
+        for t in ts:
+            for d in range(draws):
+                g = ref_grad(m, x0, sid, t, d, output, seed)
+                acc.append(g / np.linalg.norm(g) if normalize else g)
+        rows.append(np.mean(acc, axis=0))
+    return np.stack(rows)
+
+
+def kernel(train: np.ndarray, query: np.ndarray, lam: float) -> np.ndarray:
+    return query @ np.linalg.solve(train.T @ train + lam * np.eye(train.shape[1]), train.T)
+
+
+def close(got: np.ndarray, want: np.ndarray, rtol: float = 2e-3) -> None:
+    scale = np.abs(want).max()
+    assert scale > 0
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
+
+
+def qids(q: Queries) -> list[int]:
+    return [int(i) for i in query_ids(q.names)]
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+def test_registry_lists_every_method_with_description() -> None:
+    names = [n for n, _ in list_attributors()]
+    assert names == list(ATTRIBUTORS)
+    for required in (
+        "trak",
+        "d-trak",
+        "journey-trak",
+        "das",
+        "tracin",
+        "grad-dot",
+        "grad-cos",
+        "diff-retrac",
+        "pixel",
+    ):
+        assert required in names
+    assert all(desc and "\n" not in desc for _, desc in list_attributors())
+
+
+def test_bad_names_and_options_are_explained(model: DiffusionModel) -> None:
+    with pytest.raises(ValueError, match=r"unknown; valid names: trak, d-trak"):
+        make_attributor("trek", model)
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) proj_dimm; valid options: .*proj_dim"
+    ):
+        make_attributor("trak", model, proj_dimm=3)
+    with pytest.raises(ValueError, match="output"):
+        make_attributor("d-trak", model, output="cube")
+    with pytest.raises(ValueError, match="proj_dim"):
+        make_attributor("trak", model, proj_dim=0)
+    with pytest.raises(ValueError, match="learning_rates: 2 values for 1"):
+        make_attributor("tracin", model, learning_rates=[1.0, 2.0])
+    with pytest.raises(RuntimeError, match="fit"):
+        make_attributor("trak", model).score(Queries(images=torch.zeros(1, 1, 8, 8), names=["x"]))
+
+
+# ------------------------------------------------------------------------------ methods
+
+
+@pytest.mark.parametrize(("name", "output"), [("trak", "loss"), ("d-trak", "square")])
+def test_trak_and_dtrak_match_closed_form(model, train, queries, name: str, output: str) -> None:
+    ts = [10, 60]
+    a = make_attributor(name, model, timestep_values=ts, lam=0.05, **BASE)
+    a.fit(train)
+    s = a.score(queries)
+    phi = ref_features(model, train.images, train.ids.tolist(), ts, output)
+    q = ref_features(model, queries.images, qids(queries), ts, output)
+    close(s.values, kernel(phi, q, 0.05))
+    assert s.config["lambda"] == 0.05 and s.config["timesteps"] == ts
+    assert list(s.train_ids) == train.ids.tolist() and s.method == name
+
+
+def test_trak_default_lambda_rule_and_uniform_timesteps(model, train, queries) -> None:
+    a = make_attributor("trak", model, timesteps=2, num_noise=2, **BASE)
+    a.fit(train)
+    s = a.score(queries)
+    ts = [0, 50]  # uniform: floor(i * T / count)
+    assert s.config["timesteps"] == ts
+    phi = ref_features(model, train.images, train.ids.tolist(), ts, draws=2)
+    q = ref_features(model, queries.images, qids(queries), ts, draws=2)
+    lam = 0.01 * np.trace(phi.T @ phi) / phi.shape[1]
+    assert s.config["lambda"] == pytest.approx(lam, rel=1e-4)
+    close(s.values, kernel(phi, q, lam))
+
+
+def test_grad_dot_and_cos_match_explicit(model, train, queries) -> None:
+    ts = [30]
+    phi = ref_features(model, train.images, train.ids.tolist(), ts)
+    q = ref_features(model, queries.images, qids(queries), ts)
+    dot = make_attributor("grad-dot", model, timestep_values=ts, **BASE)
+    dot.fit(train)
+    close(dot.score(queries).values, q @ phi.T)
+    cos = make_attributor("grad-cos", model, timestep_values=ts, **BASE)
+    cos.fit(train)
+    want = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
+        phi / np.linalg.norm(phi, axis=1, keepdims=True)
+    ).T
+    close(cos.score(queries).values, want)
+
+
+def test_tracin_two_checkpoints_is_lr_weighted_sum_of_dots(model, train, queries, tmp_path) -> None:
+    other = tiny_model(seed=5)
+    paths = [save_model(model, tmp_path / "c0"), save_model(other, tmp_path / "c1")]
+    ts = [20, 70]
+    lrs = [0.3, 2.0]
+    a = make_attributor(
+        "tracin",
+        model,
+        tmp_path / "work",
+        checkpoints=[str(p) for p in paths],
+        learning_rates=lrs,
+        timestep_values=ts,
+        **BASE,
+    )
+    a.fit(train)
+    s = a.score(queries)
+    want = np.zeros((3, 5))
+    for path, lr in zip(paths, lrs, strict=True):
+        m = load_model(path)
+        phi = ref_features(m, train.images, train.ids.tolist(), ts)
+        q = ref_features(m, queries.images, qids(queries), ts)
+        want += lr * (q @ phi.T)
+    close(s.values, want)
+    assert s.config["learning_rates"] == lrs
+    # one feature store per checkpoint, inside the work folder
+    assert len(list((tmp_path / "work").glob("tracin-ckpt*"))) == 2
+
+
+def test_diff_retrac_uses_unit_normalised_gradients(model, train, queries) -> None:
+    ts = [5, 40, 90]
+    a = make_attributor("diff-retrac", model, timestep_values=ts, learning_rates=[0.5], **BASE)
+    a.fit(train)
+    phi = ref_features(model, train.images, train.ids.tolist(), ts, normalize=True)
+    q = ref_features(model, queries.images, qids(queries), ts, normalize=True)
+    close(a.score(queries).values, 0.5 * (q @ phi.T))
+
+
+def test_das_matches_its_formula(model, train, queries) -> None:
+    ts = [15, 55]
+    a = make_attributor("das", model, timestep_values=ts, lam=0.02, num_noise=2, **BASE)
+    a.fit(train)
+    s = a.score(queries)
+    phi = ref_features(
+        model, train.images, train.ids.tolist(), ts, "average", normalize=True, draws=2
+    )
+    q = ref_features(model, queries.images, qids(queries), ts, "average", normalize=True, draws=2)
+    r = np.zeros(len(train))
+    for j, (x0, sid) in enumerate(zip(train.images, train.ids.tolist(), strict=True)):
+        errs = []
+        for t in ts:
+            for d in range(2):
+                noise = noise_for(3, sid, t, d, (1, 8, 8))
+                x_t = model.scheduler.add_noise(x0[None], noise[None], torch.tensor([t]))
+                with torch.no_grad():
+                    eps = model.unet(x_t, torch.tensor([t])).sample
+                errs.append(float(((eps - noise) ** 2).mean().sqrt()))
+        r[j] = np.mean(errs)
+    close(s.values, kernel(phi, q, 0.02) * r[None, :])
+    plain = make_attributor(
+        "das", model, timestep_values=ts, lam=0.02, num_noise=2, residual="none", **BASE
+    )
+    plain.fit(train)
+    close(plain.score(queries).values, kernel(phi, q, 0.02))
+
+
+def _fake_trajectories(model: DiffusionModel, n: int, ts: list[int]) -> list[Trajectory]:
+    g = torch.Generator().manual_seed(21)
+    out = []
+    for _ in range(n):
+        xt = torch.randn(len(ts), 1, 8, 8, generator=g)
+        eps = torch.randn(len(ts), 1, 8, 8, generator=g)
+        out.append(Trajectory(timesteps=torch.tensor(ts), xt=xt, eps=eps))
+    return out
+
+
+def test_journey_trak_per_step_equals_loop_over_steps(model, train) -> None:
+    ts = [90, 60, 30, 0]
+    trajs = _fake_trajectories(model, 2, ts)
+    q = Queries(images=torch.zeros(2, 1, 8, 8), names=["g0", "g1"], trajectories=trajs)
+    lam = 0.03
+    a = make_attributor("journey-trak", model, step_stride=2, query_draws=2, lam=lam, **BASE)
+    a.fit(train)
+    s = a.score(q)
+    steps = [0, 2]
+    assert s.per_step is not None and s.per_step.shape == (2, 2, 5)
+    assert s.step_timesteps is not None and s.step_timesteps.tolist() == [90, 30]
+    abar = model.scheduler.alphas_cumprod.double()
+    ids = qids(q)
+    for k, step in enumerate(steps):
+        t = ts[step]
+        phi = ref_features(model, train.images, train.ids.tolist(), [t])
+        rows = []
+        for j, traj in enumerate(trajs):
+            x0 = (traj.xt[step].double() - (1 - abar[t]).sqrt() * traj.eps[step].double()) / abar[
+                t
+            ].sqrt()
+            x0 = x0.clamp(-1, 1).float()
+            rows.append(ref_features(model, x0[None], [ids[j]], [t], draws=2)[0])
+        close(s.per_step[k], kernel(phi, np.stack(rows), lam))
+    np.testing.assert_allclose(s.values, s.per_step.mean(axis=0), rtol=1e-5, atol=1e-7)
+
+
+def test_journey_trak_needs_trajectories(model, train, queries) -> None:
+    a = make_attributor("journey-trak", model, **BASE)
+    a.fit(train)
+    with pytest.raises(ValueError, match="diffattr generate"):
+        a.score(queries)
+    trajs = _fake_trajectories(model, 2, [50, 0]) + _fake_trajectories(model, 1, [60, 0])
+    mixed = Queries(images=torch.zeros(3, 1, 8, 8), names=["a", "b", "c"], trajectories=trajs)
+    with pytest.raises(ValueError, match="other timesteps"):
+        a.score(mixed)
+
+
+def test_pixel_is_explicit_cosine(model, train, queries) -> None:
+    a = make_attributor("pixel", model)
+    a.fit(train)
+    x = train.images.reshape(5, -1).double().numpy()
+    y = queries.images.reshape(3, -1).double().numpy()
+    want = (y / np.linalg.norm(y, axis=1, keepdims=True)) @ (
+        x / np.linalg.norm(x, axis=1, keepdims=True)
+    ).T
+    np.testing.assert_allclose(a.score(queries).values, want, rtol=1e-5, atol=1e-6)
+    c = make_attributor("pixel", model, center=True)
+    c.fit(train)
+    xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+    want_c = (yc / np.linalg.norm(yc, axis=1, keepdims=True)) @ (
+        xc / np.linalg.norm(xc, axis=1, keepdims=True)
+    ).T
+    np.testing.assert_allclose(c.score(queries).values, want_c, rtol=1e-5, atol=1e-6)
+
+
+def test_work_dir_store_is_reused_and_keyed_by_options(model, train, queries, tmp_path) -> None:
+    a = make_attributor("trak", model, tmp_path, timestep_values=[10], **BASE)
+    a.fit(train)
+    first = a.score(queries).values
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert len(folders) == 1 and folders[0].startswith("trak-")
+    b = make_attributor("trak", model, tmp_path, timestep_values=[10], **BASE)
+    b.fit(train)  # reuses the store (a mismatch would raise)
+    np.testing.assert_array_equal(b.score(queries).values, first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == folders
+    c = make_attributor("trak", model, tmp_path, timestep_values=[20], **BASE)
+    c.fit(train)
+    assert len(list(tmp_path.iterdir())) == 2
+    # another training subset gets its own folder too
+    c.fit(train.subset([True, False, True, True, True]))
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_journey_trak_can_featurize_in_fit(model, train, tmp_path) -> None:
+    ts = [90, 60, 30, 0]
+    q = Queries(
+        images=torch.zeros(2, 1, 8, 8),
+        names=["g0", "g1"],
+        trajectories=_fake_trajectories(model, 2, ts),
+    )
+    eager = make_attributor(
+        "journey-trak",
+        model,
+        tmp_path,
+        trajectory_timesteps=ts,
+        step_stride=2,
+        query_draws=1,
+        **BASE,
+    )
+    eager.fit(train)
+    assert len(list(tmp_path.glob("journey-trak-*"))) == 1  # featurized during fit
+    lazy = make_attributor("journey-trak", model, None, step_stride=2, query_draws=1, **BASE)
+    lazy.fit(train)
+    np.testing.assert_array_equal(eager.score(q).values, lazy.score(q).values)
+
+
+def test_class_conditional_model_uses_labels(train, queries) -> None:
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_class_embeds=2,
+    )
+    cond = DiffusionModel(unet=unet.eval(), scheduler=DDPMScheduler(num_train_timesteps=T_TRAIN))
+    labelled = ImageDataset("toy", train.images, train.ids, labels=torch.tensor([0, 1, 0, 1, 1]))
+    for name in ("trak", "das", "grad-dot"):
+        a = make_attributor(name, cond, timestep_values=[40], **BASE)
+        a.fit(labelled)
+        with pytest.raises(ValueError, match="class-conditional"):
+            a.score(queries)
+        q0 = Queries(
+            images=queries.images, names=queries.names, labels=torch.zeros(3, dtype=torch.int64)
+        )
+        q1 = Queries(
+            images=queries.images, names=queries.names, labels=torch.ones(3, dtype=torch.int64)
+        )
+        s0, s1 = a.score(q0).values, a.score(q1).values
+        assert np.all(np.isfinite(s0)) and not np.allclose(s0, s1)
+
+
+def test_options_from_text_config_are_coerced(model) -> None:
+    a = make_attributor("trak", model, lam="0.5", lambda_scale="0.1")
+    assert a.options.lam == 0.5 and a.options.lambda_scale == 0.1
+    with pytest.raises(ValueError, match="lam: expected a number"):
+        make_attributor("trak", model, lam="lots")
