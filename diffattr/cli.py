@@ -265,10 +265,19 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from diffattr.evaluation.harness import evaluate
+    import os
+
+    from diffattr.evaluation.harness import evaluate, launch
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    evaluate(args.config, methods, Path(args.out), progress=not args.quiet)
+    out = Path(args.out)
+    if "WORLD_SIZE" in os.environ:  # already one process of a torchrun / accelerate launch group
+        evaluate(args.config, methods, out, progress=not args.quiet)
+    else:  # start the config's (or --workers) torchrun workers, one thread each on CPU
+        launch(args.config, methods, out, workers=args.workers, progress=not args.quiet)
+    table = out / "comparison.md"
+    if table.exists():
+        sys.stdout.write(table.read_text())
     return 0
 
 
@@ -365,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="LDS / counterfactual evaluation against retraining")
     p.add_argument("--config", required=True, help="e.g. configs/eval/digits2.yaml")
     p.add_argument("--methods", required=True, help="comma-separated, e.g. trak,d-trak,pixel")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="evaluation folder (resumes if present)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes (default: the config's `workers`)"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="train (or reuse) a digits DDPM, generate, attribute, report")

@@ -1,0 +1,200 @@
+"""One comparison of every evaluated method: a markdown + CSV table and a PNG plot.
+
+Columns: LDS with its bootstrap CI per query set (held-out, generated), the counterfactual effect
+(pixel L2 and feature distance of the regenerated image, per removal fraction; the random-removal
+control is its own row), and the fit (featurization) and scoring times. A method that failed
+appears as ``failed: <reason>`` instead of numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffattr.evaluation.lds import LDSResult
+
+log = logging.getLogger(__name__)
+
+QUERY_SETS = ("held_out", "generated")
+RANDOM_CONTROL = "random (control)"
+
+
+@dataclass
+class MethodResult:
+    """What the harness measured for one method.
+
+    ``counterfactual``: fraction label (e.g. "1%") -> {"l2": mean pixel L2, "feature": mean feature
+    cosine distance} over the counterfactual queries.
+    """
+
+    method: str
+    error: str | None = None
+    lds: dict[str, LDSResult] = field(default_factory=dict)
+    counterfactual: dict[str, dict[str, float]] = field(default_factory=dict)
+    fit_seconds: float | None = None
+    score_seconds: float | None = None
+    set_errors: dict[str, str] = field(default_factory=dict)  # query set -> why it has no score
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "error": self.error,
+            "lds": {k: v.to_dict() for k, v in self.lds.items()},
+            "counterfactual": self.counterfactual,
+            "fit_seconds": self.fit_seconds,
+            "score_seconds": self.score_seconds,
+            "set_errors": self.set_errors,
+        }
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def _fractions(results: list[MethodResult]) -> list[str]:
+    seen: list[str] = []
+    for r in results:
+        for k in r.counterfactual:
+            if k not in seen:
+                seen.append(k)
+    return sorted(seen, key=lambda s: float(s.rstrip("%")))
+
+
+def table_rows(results: list[MethodResult]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison table (strings, as written to markdown and CSV)."""
+    fracs = _fractions(results)
+    qsets = [q for q in QUERY_SETS if any(q in r.lds for r in results)]
+    header = ["method"]
+    for q in qsets:
+        header += [f"LDS {q}", f"LDS {q} 95% CI"]
+    for f in fracs:
+        header += [f"cf L2 @{f}", f"cf feature @{f}"]
+    header += ["fit s", "score s"]
+    rows = []
+    for r in results:
+        if r.error is not None:
+            reason = " ".join(r.error.split())[:200]
+            rows.append([r.method, f"failed: {reason}"] + [""] * (len(header) - 2))
+            continue
+        row = [r.method]
+        for q in qsets:
+            res = r.lds.get(q)
+            if res:
+                row += [_fmt(res.mean), f"[{_fmt(res.ci_low)}, {_fmt(res.ci_high)}]"]
+            elif q in r.set_errors:
+                row += [f"n/a: {r.set_errors[q].split(':')[0]}", "-"]
+            else:
+                row += ["-", "-"]
+        for f in fracs:
+            cf = r.counterfactual.get(f, {})
+            row += [_fmt(cf.get("l2")), _fmt(cf.get("feature"), 4)]
+        row += [_fmt(r.fit_seconds, 1), _fmt(r.score_seconds, 1)]
+        rows.append(row)
+    return header, rows
+
+
+def write_table(results: list[MethodResult], folder: Path) -> tuple[Path, Path]:
+    """``comparison.md`` and ``comparison.csv`` in ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    header, rows = table_rows(results)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    notes = [
+        "",
+        "LDS: Spearman correlation across retrained subsets between a method's subset score sums "
+        "and the negative measured query loss, averaged over queries; CI: bootstrap over queries.",
+        "cf: counterfactual distance between the image regenerated (same initial noise) after "
+        "removing the method's top-k training images and the original generation; higher = the "
+        "method found images that mattered more. Compare with the random-removal control row.",
+    ]
+    for r in results:
+        for q, err in r.set_errors.items():
+            notes.append(f"{r.method} has no {q} scores: {' '.join(err.split())[:300]}")
+    md_path, csv_path = folder / "comparison.md", folder / "comparison.csv"
+    md_path.write_text("\n".join(md + notes) + "\n")
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return md_path, csv_path
+
+
+def plot(results: list[MethodResult], path: Path) -> Path:
+    """Bar chart of LDS (with CI) per query set, and counterfactual L2 against removal fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r.ok and r.lds]
+    fracs = _fractions(results)
+    ncols = 2 if fracs else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+    ax = axes[0, 0]
+    qsets = [q for q in QUERY_SETS if any(q in r.lds for r in ok)]
+    width = 0.8 / max(1, len(qsets))
+    for i, q in enumerate(qsets):
+        xs, ys, lo, hi = [], [], [], []
+        for j, r in enumerate(ok):
+            if q in r.lds:
+                res = r.lds[q]
+                xs.append(j + i * width)
+                ys.append(res.mean)
+                lo.append(res.mean - res.ci_low)
+                hi.append(res.ci_high - res.mean)
+        ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=3, label=q)
+    ax.set_xticks([j + width * (len(qsets) - 1) / 2 for j in range(len(ok))])
+    ax.set_xticklabels([r.method for r in ok], rotation=30, ha="right")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("LDS (Spearman)")
+    ax.set_title("Linear datamodeling score (95% CI)")
+    if qsets:
+        ax.legend()
+    failed = [r.method for r in results if not r.ok]
+    if failed:
+        ax.text(
+            0.01,
+            0.98,
+            "failed: " + ", ".join(failed),
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            color="red",
+        )
+    if fracs:
+        ax2 = axes[0, 1]
+        xs_f = [float(f.rstrip("%")) for f in fracs]
+        for r in results:
+            if not r.ok or not r.counterfactual:
+                continue
+            ys_f = [r.counterfactual.get(f, {}).get("l2", math.nan) for f in fracs]
+            style = "--" if r.method == RANDOM_CONTROL else "-"
+            ax2.plot(xs_f, ys_f, style, marker="o", label=r.method)
+        ax2.set_xlabel("training images removed (%)")
+        ax2.set_ylabel("pixel L2 to original generation")
+        ax2.set_title("Counterfactual: remove top-k, retrain, regenerate")
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_comparison(results: list[MethodResult], folder: Path) -> dict[str, Path]:
+    """Table (markdown, CSV) and plot (PNG) of ``results`` in ``folder``."""
+    md, csv_path = write_table(results, folder)
+    png = plot(results, Path(folder) / "comparison.png")
+    return {"markdown": md, "csv": csv_path, "plot": png}

@@ -1,0 +1,239 @@
+"""Typed evaluation config, read from YAML.
+
+An evaluation YAML names (or inlines) the experiment whose full model is attributed, then says how
+the retraining ground truth is built and which methods are judged::
+
+    experiment: ../digits2.yaml        # a path (relative to this file, then to the cwd) or a mapping
+    experiment_overrides:              # deep-merged onto the experiment (e.g. fewer steps)
+      train: {steps: 300}
+    subsets: {num_subsets: 64, alpha: 0.5, seeds_per_subset: 1, seed: 0}
+    queries: {held_out: 32, generated: 32, seed: 0}
+    ground_truth: {timesteps: 100, noise_draws: 1, seed: 0}
+    methods: {trak: {...options passed to make_attributor...}, pixel: {}}
+    counterfactual: {enabled: true, queries: 2, fractions: [0.01, 0.05, 0.1]}
+    lds: {bootstrap: 1000, seed: 0, level: 0.95}
+    workers: 1
+
+Unknown keys are an error naming the section and key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffattr.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+
+
+@dataclass
+class SubsetsConfig:
+    """The ``num_subsets`` random training subsets of fraction ``alpha`` (D-TRAK: 64, 0.5)."""
+
+    num_subsets: int = 64
+    alpha: float = 0.5
+    seeds_per_subset: int = 1  # models trained per subset (papers: 3); their outputs are averaged
+    seed: int = 0
+
+
+@dataclass
+class QueriesConfig:
+    """Held-out queries come from the data's test split; generated ones from the full model."""
+
+    held_out: int = 32  # images drawn (seeded) from ``held_out_split``; 0 disables
+    generated: int = 32  # images sampled from the full model; 0 disables
+    seed: int = 0  # selection seed for held-out, initial-noise seed for generated
+    held_out_split: str = "test"
+    sampler: str | None = None  # None: the experiment's sample.sampler
+    num_inference_steps: int | None = None  # None: the experiment's sample.num_inference_steps
+
+
+@dataclass
+class GroundTruthConfig:
+    """The measured model output: the query's diffusion loss averaged over fixed (t, noise) pairs."""
+
+    timesteps: int = 100  # evenly spaced over [0, T-1]; up to T (=all 1000)
+    noise_draws: int = 1  # noises per timestep
+    seed: int = 0
+    batch_size: int = 256  # (query, timestep) pairs per forward pass
+
+
+@dataclass
+class CounterfactualConfig:
+    """Remove a method's top-k for a generated query, retrain, regenerate from the same noise."""
+
+    enabled: bool = False
+    queries: int = 2  # the first `queries` generated queries are used
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
+    random_control: bool = True  # also remove k random images (same k) as the control
+    methods: list[str] | None = None  # methods to check (None: every evaluated method)
+    seed: int = 0  # seed of the random control's choice
+    feature_timestep: int = 0  # timestep at which the full model's mid-block features are taken
+
+
+@dataclass
+class LDSConfig:
+    bootstrap: int = 1000  # bootstrap resamples over queries for the CI
+    seed: int = 0
+    level: float = 0.95
+
+
+@dataclass
+class EvalConfig:
+    experiment: ExperimentConfig
+    subsets: SubsetsConfig = field(default_factory=SubsetsConfig)
+    queries: QueriesConfig = field(default_factory=QueriesConfig)
+    ground_truth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    counterfactual: CounterfactualConfig = field(default_factory=CounterfactualConfig)
+    lds: LDSConfig = field(default_factory=LDSConfig)
+    workers: int = 1
+    source: str | None = None  # the YAML file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def method_options(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.methods.get(name) or {})
+
+
+_SECTIONS: dict[str, type] = {
+    "subsets": SubsetsConfig,
+    "queries": QueriesConfig,
+    "ground_truth": GroundTruthConfig,
+    "counterfactual": CounterfactualConfig,
+    "lds": LDSConfig,
+}
+_TOP_KEYS = {"experiment", "experiment_overrides", "methods", "workers", *_SECTIONS}
+
+
+def _section(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return cls(**values)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in (nested mappings merged, everything else replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _experiment(values: dict[str, Any], where: str, folder: Path | None) -> ExperimentConfig:
+    exp = values.get("experiment")
+    if isinstance(exp, str):
+        candidates = [Path(exp)] if Path(exp).is_absolute() else []
+        if not candidates:
+            candidates = ([folder / exp] if folder else []) + [Path(exp)]
+        found = next((p for p in candidates if p.exists()), None)
+        if found is None:
+            raise ConfigError(
+                f"{where}: experiment config {exp!r} not found (looked at "
+                f"{', '.join(str(p) for p in candidates)})"
+            )
+        base = dataclasses.asdict(load_config(found))
+    elif isinstance(exp, dict):
+        base = exp
+    elif exp is None:
+        raise ConfigError(f"{where}: 'experiment' is required (a config path or a mapping)")
+    else:
+        raise ConfigError(f"{where}.experiment: expected a path or a mapping, got {exp!r}")
+    over = values.get("experiment_overrides") or {}
+    if not isinstance(over, dict):
+        raise ConfigError(f"{where}.experiment_overrides: expected a mapping")
+    return config_from_dict(deep_merge(base, over), where=f"{where}.experiment")
+
+
+def _validate(cfg: EvalConfig, where: str) -> None:
+    s = cfg.subsets
+    if s.num_subsets < 2:
+        raise ConfigError(f"{where}.subsets.num_subsets: need at least 2, got {s.num_subsets}")
+    if not 0.0 < s.alpha <= 1.0:
+        raise ConfigError(f"{where}.subsets.alpha: must be in (0, 1], got {s.alpha}")
+    if s.seeds_per_subset < 1:
+        raise ConfigError(f"{where}.subsets.seeds_per_subset: must be >= 1")
+    q = cfg.queries
+    if q.held_out < 0 or q.generated < 0 or q.held_out + q.generated == 0:
+        raise ConfigError(f"{where}.queries: need held_out + generated > 0 (both >= 0)")
+    g = cfg.ground_truth
+    T = cfg.experiment.scheduler.num_train_timesteps
+    if not 1 <= g.timesteps <= T:
+        raise ConfigError(f"{where}.ground_truth.timesteps: must be in [1, {T}], got {g.timesteps}")
+    if g.noise_draws < 1 or g.batch_size < 1:
+        raise ConfigError(f"{where}.ground_truth: noise_draws and batch_size must be >= 1")
+    c = cfg.counterfactual
+    if c.enabled:
+        if not c.fractions or any(not 0.0 < f < 1.0 for f in c.fractions):
+            raise ConfigError(f"{where}.counterfactual.fractions: each must be in (0, 1)")
+        if c.queries < 1 or c.queries > q.generated:
+            raise ConfigError(
+                f"{where}.counterfactual.queries: must be in [1, queries.generated={q.generated}]"
+            )
+    if not 0.0 < cfg.lds.level < 1.0 or cfg.lds.bootstrap < 1:
+        raise ConfigError(f"{where}.lds: level in (0, 1) and bootstrap >= 1 required")
+    if cfg.workers < 1:
+        raise ConfigError(f"{where}.workers: must be >= 1")
+
+
+def eval_config_from_dict(
+    values: dict[str, Any], where: str = "eval", folder: Path | None = None
+) -> EvalConfig:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    unknown = sorted(set(values) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(_TOP_KEYS)}")
+    methods = values.get("methods") or {}
+    if not isinstance(methods, dict):
+        raise ConfigError(f"{where}.methods: expected a mapping method -> options")
+    for name, opts in methods.items():
+        if opts is not None and not isinstance(opts, dict):
+            raise ConfigError(
+                f"{where}.methods.{name}: expected a mapping of options, got {opts!r}"
+            )
+    workers = values.get("workers", 1)
+    if not isinstance(workers, int) or isinstance(workers, bool):
+        raise ConfigError(f"{where}.workers: expected an integer, got {workers!r}")
+    cf = values.get("counterfactual") or {}
+    if isinstance(cf, dict) and isinstance(cf.get("fractions"), list):
+        cf["fractions"] = [float(v) for v in cf["fractions"]]
+    cfg = EvalConfig(
+        experiment=_experiment(values, where, folder),
+        methods={str(k): dict(v or {}) for k, v in methods.items()},
+        workers=workers,
+        **{k: _section(cls, values.get(k), f"{where}.{k}") for k, cls in _SECTIONS.items()},
+    )
+    cfg.subsets.alpha = float(cfg.subsets.alpha)
+    _validate(cfg, where)
+    return cfg
+
+
+def load_eval_config(path: str | Path) -> EvalConfig:
+    """Read an :class:`EvalConfig` (clear errors naming the file and key)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: eval config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    cfg = eval_config_from_dict(values, where=str(path), folder=path.parent)
+    cfg.source = str(path)
+    return cfg

@@ -1,0 +1,159 @@
+"""End to end: the smoke eval config through the harness, in one process and in two (torchrun)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from diffattr.attribution.base import Scores
+from diffattr.diffusion.model import load_model
+from diffattr.diffusion.sampling import SampleResult, sample
+from diffattr.evaluation.ground_truth import GroundTruth, GroundTruthSpec, query_losses
+from diffattr.evaluation.harness import evaluate
+from diffattr.evaluation.subsets import load_subsets
+from diffattr.repro import read_record
+
+ROOT = Path(__file__).parents[1]
+SMOKE = ROOT / "configs" / "eval" / "digits2-smoke.yaml"
+# "nope" is not a method: it must be reported, not crash. journey-trak cannot score held-out
+# queries (no sampling trajectory): reported for that query set only.
+METHODS = ["pixel", "trak", "journey-trak", "nope"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "one"
+    return evaluate(SMOKE, METHODS, out, progress=False)
+
+
+def test_outputs_and_failed_method_reported(run):
+    out = run.out
+    for name in ("comparison.md", "comparison.csv", "comparison.png", "results.json"):
+        assert (out / name).stat().st_size > 0
+    rows = {r[0]: r for r in csv.reader((out / "comparison.csv").open())}
+    assert rows["nope"][1].startswith("failed: ") and "unknown" in rows["nope"][1]
+    assert "random (control)" in rows
+    assert run.method("nope").error is not None
+    journey = run.method("journey-trak")
+    assert journey.ok and set(journey.lds) == {"generated"}
+    assert "trajector" in journey.set_errors["held_out"]
+    assert rows["journey-trak"][1].startswith("n/a: ValueError")
+    assert (
+        "Traceback"
+        in json.loads((out / "scores" / "nope" / "failed.json").read_text())["traceback"]
+    )
+    assert read_record(out)["model_hash"] == run.model_hash
+    assert run.ground_truth.losses.shape == (4, 8)
+    assert run.query_names["held_out"][0].startswith("held_out:")
+
+
+def test_lds_matches_brute_force_from_saved_files(run):
+    gt = GroundTruth.load(run.out / "ground_truth")
+    subsets = load_subsets(run.out / "subsets")
+    for method in ("pixel", "trak"):
+        res = run.method(method)
+        assert res.ok, res.error
+        for qset in ("held_out", "generated"):
+            scores = Scores.load(run.out / "scores" / method / qset)
+            want = []
+            for q, name in enumerate(scores.query_names):
+                col = gt.query_names.index(name)
+                sums = [scores.values[q, subsets.masks[m]].sum() for m in range(len(subsets))]
+                want.append(scipy.stats.spearmanr(sums, -gt.losses[:, col]).statistic)
+            np.testing.assert_allclose(res.lds[qset].per_query, want, atol=1e-6)
+            assert res.lds[qset].ci_low <= res.lds[qset].mean <= res.lds[qset].ci_high
+
+
+def test_ground_truth_is_each_subset_models_loss(run):
+    gt = run.ground_truth
+    model = load_model(run.out / "models" / "subset-002-seed-0")
+    from diffattr.evaluation.harness import _all_queries, _generated_queries
+
+    gen = _generated_queries(SampleResult.load(run.out / "queries" / "generated"))
+    assert gt.query_names[-4:] == gen.names
+    spec = GroundTruthSpec(
+        **json.loads((run.out / "ground_truth" / "ground_truth.json").read_text())["spec"]
+    )
+    losses = query_losses(model, _all_queries({"generated": gen}, False), spec)
+    np.testing.assert_allclose(gt.losses[2, -4:], losses, rtol=1e-10)
+    assert np.ptp(gt.losses[:, 0]) > 0  # subset models really differ
+
+
+def test_counterfactual_removes_topk_and_reuses_the_noise(run):
+    out = run.out
+    gen = SampleResult.load(out / "queries" / "generated")
+    full = load_model(out / "full_model")
+    # Regenerating with the full model from the stored initial noise gives the query back (up to
+    # float rounding of batch 1 vs batch 4).
+    again = sample(
+        full,
+        1,
+        gen.seed,
+        sampler=gen.sampler,
+        num_inference_steps=gen.num_inference_steps,
+        initial_noise=gen.xt[0, :1],
+    )
+    torch.testing.assert_close(again.images[0], gen.images[0], rtol=0, atol=1e-4)
+    cf = json.loads((out / "counterfactual" / "counterfactual.json").read_text())
+    train_ids = set(read_record(out / "full_model")["train_ids"])
+    trak = Scores.load(out / "scores" / "trak" / "generated")
+    for rec in cf["per_removal"]:
+        assert rec["k"] == {"5%": 3, "10%": 6}[rec["fraction"]]
+        kept = set(read_record(out / "counterfactual" / "models" / rec["model"])["train_ids"])
+        removed = train_ids - kept
+        assert len(removed) == rec["k"] and kept < train_ids
+        if rec["method"] == "trak":
+            row = trak.values[trak.query_names.index(rec["query"])]
+            top = {int(trak.train_ids[j]) for j in np.argsort(-row, kind="stable")[: rec["k"]]}
+            assert removed == top
+        assert rec["l2"] >= 0 and rec["feature"] >= -1e-6
+    assert set(cf["summary"]) == {"pixel", "trak", "random (control)"}
+
+
+def test_rerun_resumes_without_retraining(run):
+    weights = sorted((run.out / "models").glob("*/unet/diffusion_pytorch_model.safetensors"))
+    weights += sorted((run.out / "counterfactual" / "models").glob("*/unet/*.safetensors"))
+    before = [w.stat().st_mtime_ns for w in weights]
+    again = evaluate(SMOKE, METHODS, run.out, progress=False)
+    assert [w.stat().st_mtime_ns for w in weights] == before
+    np.testing.assert_array_equal(again.ground_truth.losses, run.ground_truth.losses)
+    assert again.method("trak").lds["held_out"].mean == run.method("trak").lds["held_out"].mean
+
+
+def test_two_processes_give_the_same_ground_truth(run, tmp_path):
+    out = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "scripts" / "eval_worker.py"),
+        "--config",
+        str(SMOKE),
+        "--out",
+        str(out),
+        "--methods",
+        ",".join(METHODS),
+        "--no-progress",
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "process 1/2" in proc.stderr  # the ensemble really was shared
+    gt = GroundTruth.load(out / "ground_truth")
+    np.testing.assert_array_equal(gt.losses_per_seed, run.ground_truth.losses_per_seed)
+    assert gt.query_names == run.ground_truth.query_names
+    one = list(csv.reader((run.out / "comparison.csv").open()))
+    two = list(csv.reader((out / "comparison.csv").open()))
+    # Same numbers everywhere except the timing columns.
+    assert [r[:-2] for r in one] == [r[:-2] for r in two]
