@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from diffattr.data.dataset import ImageDataset
 from diffattr.repro import write_json_atomic
 from diffattr.resources import config_path, resource
 
@@ -47,6 +48,14 @@ def png_base64(image: torch.Tensor) -> str:
     buf = io.BytesIO()
     Image.fromarray(arr_np).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def label_name(data: ImageDataset, row: int) -> str | None:
+    """The class name of image ``row`` (its index as text when the set names no classes)."""
+    if data.labels is None:
+        return None
+    index = int(data.labels[row])
+    return data.class_names[index] if data.class_names else str(index)
 
 
 def render_report(context: dict[str, Any], out: Path) -> Path:
@@ -114,7 +123,9 @@ def run_demo(
         t2 = time.perf_counter()
         scores.save(out / "scores" / name)
         top = scores.top_k(5)[0]
-        lines.append(f"{name:8s} top-5 training ids: " + ", ".join(f"{i} ({s:+.3g})" for i, s in top))
+        lines.append(
+            f"{name:8s} top-5 training ids: " + ", ".join(f"{i} ({s:+.3g})" for i, s in top)
+        )
         pos = {int(i): k for k, i in enumerate(train.ids.tolist())}
         results.append(
             MethodResult(
@@ -124,11 +135,7 @@ def run_demo(
                     {
                         "id": tid,
                         "score": s,
-                        "label": None
-                        if train.labels is None
-                        else (train.class_names or [])[int(train.labels[pos[tid]])]
-                        if train.class_names
-                        else int(train.labels[pos[tid]]),
+                        "label": label_name(train, pos[tid]),
                         "png": png_base64(train.images[pos[tid]]),
                     }
                     for tid, s in top

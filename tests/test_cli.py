@@ -30,9 +30,7 @@ def test_each_command_has_help(command, capsys):
 
 def test_train_and_generate_options_match_the_readme():
     parser = build_parser()
-    args = parser.parse_args(
-        ["train", "--config", "configs/digits2.yaml", "--out", "runs/digits2"]
-    )
+    args = parser.parse_args(["train", "--config", "configs/digits2.yaml", "--out", "runs/digits2"])
     assert args.config == "configs/digits2.yaml" and args.out == "runs/digits2"
     args = parser.parse_args(
         ["generate", "--model", "runs/digits2", "--n", "16", "--seed", "0", "--out", "gen/"]
