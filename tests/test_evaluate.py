@@ -32,7 +32,14 @@ METHODS = ["pixel", "trak", "journey-trak", "nope"]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "one"
-    return evaluate(SMOKE, METHODS, out, progress=False)
+    # One torch thread, as each torchrun worker has: CPU kernels round differently with more
+    # threads, and the two-process test compares ground truth bit for bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate(SMOKE, METHODS, out, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_outputs_and_failed_method_reported(run):
@@ -84,7 +91,9 @@ def test_ground_truth_is_each_subset_models_loss(run):
         **json.loads((run.out / "ground_truth" / "ground_truth.json").read_text())["spec"]
     )
     losses = query_losses(model, _all_queries({"generated": gen}, False), spec)
-    np.testing.assert_allclose(gt.losses[2, -4:], losses, rtol=1e-10)
+    # Recomputed here in another batch and thread count than the run: equal up to float32
+    # rounding of the UNet's forward pass (the losses of different models differ by >1e-3).
+    np.testing.assert_allclose(gt.losses[2, -4:], losses, rtol=1e-6)
     assert np.ptp(gt.losses[:, 0]) > 0  # subset models really differ
 
 
