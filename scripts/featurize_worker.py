@@ -15,31 +15,19 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 
 from diffattr.attribution.featurize import FeaturizeArgs, featurize
 from diffattr.attribution.projectors import ProjectorConfig
 from diffattr.attribution.timesteps import TimestepPolicy
 from diffattr.data.dataset import ImageDataset
 from diffattr.diffusion.model import DiffusionModel
+from diffattr.testing import tiny_model
 
 
 def build_inputs(
     kind: str = "gaussian", n: int = 10
 ) -> tuple[DiffusionModel, ImageDataset, FeaturizeArgs]:
     """A seeded tiny UNet, ``n`` random 1x8x8 images with shuffled ids, and featurize arguments."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNet2DModel(
-            sample_size=8,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(8, 16),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            layers_per_block=1,
-            norm_num_groups=4,
-        )
     g = torch.Generator().manual_seed(1)
     images = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
     ids = torch.randperm(1000, generator=g)[:n]
@@ -52,7 +40,7 @@ def build_inputs(
         shard_size=3,
         label="worker-test",
     )
-    return DiffusionModel(unet=unet, scheduler=DDPMScheduler()), data, args
+    return tiny_model(), data, args
 
 
 def main() -> None:

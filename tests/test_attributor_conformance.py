@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 
 from diffattr.attribution.base import Attributor, Queries, Scores, Trajectory
 from diffattr.attribution.registry import ATTRIBUTORS, make_attributor
 from diffattr.data.dataset import ImageDataset
 from diffattr.diffusion.model import DiffusionModel
+from diffattr.testing import tiny_model
 
 # Small settings, applied to whichever of them a method's options dataclass has.
 FAST_OPTIONS: dict[str, Any] = {
@@ -38,19 +38,7 @@ def fast_options(name: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def model() -> DiffusionModel:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
-    unet.eval()
-    return DiffusionModel(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100))
+    return tiny_model(num_train_timesteps=100)
 
 
 @pytest.fixture(scope="module")

@@ -21,18 +21,12 @@ from diffattr.config import DataConfig
 from diffattr.data import load_dataset
 from diffattr.data.images import load_image
 from diffattr.diffusion.model import load_model
+from diffattr.testing import TINY_UNET
 
 TINY = {
     "seed": 0,
     "data": {"source": "digits-2", "size": 8, "limit": 24},
-    "model": {
-        "sample_size": 8,
-        "block_out_channels": [8, 16],
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-        "norm_num_groups": 4,
-        "attention_head_dim": 4,
-    },
+    "model": {**TINY_UNET, "attention_head_dim": 4},
     "scheduler": {"num_train_timesteps": 100},
     "train": {"steps": 6, "batch_size": 8, "lr_warmup_steps": 2, "checkpoint_every": 3},
     "sample": {"num_inference_steps": 4},
@@ -52,6 +46,16 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def featurize(run: Path, method: str, out: Path, *extra: str) -> int:
+    return main(
+        ["-q", "featurize", "--model", str(run), "--method", method, "--out", str(out), *extra]
+    )
+
+
+def attribute(run: Path, feats: Path, *extra: str) -> int:
+    return main(["-q", "attribute", "--model", str(run), "--features", str(feats), *extra])
+
+
 def test_generate_writes_pngs_grid_and_trajectory(workspace):
     gen = workspace["gen"]
     for name in ["0000.png", "0001.png", "0002.png", "grid.png", "trajectory.safetensors"]:
@@ -60,40 +64,9 @@ def test_generate_writes_pngs_grid_and_trajectory(workspace):
 
 def test_attribute_matches_the_python_api(workspace, capsys):
     run, gen, feats = workspace["run"], workspace["gen"], workspace["root"] / "feats-trak"
-    assert (
-        main(
-            [
-                "-q",
-                "featurize",
-                "--model",
-                str(run),
-                "--method",
-                "trak",
-                "--out",
-                str(feats),
-                *TRAK_ARGS,
-            ]
-        )
-        == 0
-    )
+    assert featurize(run, "trak", feats, *TRAK_ARGS) == 0
     out = workspace["root"] / "scores"
-    code = main(
-        [
-            "-q",
-            "attribute",
-            "--model",
-            str(run),
-            "--features",
-            str(feats),
-            "--images",
-            str(gen),
-            "--top-k",
-            "3",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0
+    assert attribute(run, feats, "--images", str(gen), "--top-k", "3", "--out", str(out)) == 0
     printed = capsys.readouterr().out
     cli_scores = Scores.load(out)
     assert cli_scores.query_names == ["0000.png", "0001.png", "0002.png"]  # grid.png is no query
@@ -115,41 +88,9 @@ def test_attribute_matches_the_python_api(workspace, capsys):
 def test_journey_trak_gets_the_saved_trajectory(workspace):
     run, gen, feats = workspace["run"], workspace["gen"], workspace["root"] / "feats-journey"
     args = ["--proj-dim", "16", "--batch-size", "8", "--option", "query_draws=1"]
-    assert (
-        main(
-            [
-                "-q",
-                "featurize",
-                "--model",
-                str(run),
-                "--method",
-                "journey-trak",
-                "--out",
-                str(feats),
-                *args,
-            ]
-        )
-        == 0
-    )
+    assert featurize(run, "journey-trak", feats, *args) == 0
     out = workspace["root"] / "scores-journey"
-    image = str(gen / "0001.png")
-    assert (
-        main(
-            [
-                "-q",
-                "attribute",
-                "--model",
-                str(run),
-                "--features",
-                str(feats),
-                "--image",
-                image,
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert attribute(run, feats, "--image", str(gen / "0001.png"), "--out", str(out)) == 0
     scores = Scores.load(out)
     assert scores.per_step is not None and scores.per_step.shape[:2] == (4, 1)
     np.testing.assert_allclose(scores.values, scores.per_step.mean(axis=0), rtol=1e-5, atol=1e-6)
@@ -157,23 +98,8 @@ def test_journey_trak_gets_the_saved_trajectory(workspace):
 
 def test_feature_folder_refuses_other_arguments_and_models(workspace, caplog):
     run, feats = workspace["run"], workspace["root"] / "feats-pixel"
-    assert (
-        main(["-q", "featurize", "--model", str(run), "--method", "pixel", "--out", str(feats)])
-        == 0
-    )
-    code = main(
-        [
-            "-q",
-            "featurize",
-            "--model",
-            str(run),
-            "--method",
-            "trak",
-            "--out",
-            str(feats),
-            *TRAK_ARGS,
-        ]
-    )
+    assert featurize(run, "pixel", feats) == 0
+    code = featurize(run, "trak", feats, *TRAK_ARGS)
     assert code == 2 and "method" in caplog.text
 
     other = workspace["root"] / "other-run"
@@ -188,7 +114,5 @@ def test_feature_folder_refuses_other_arguments_and_models(workspace, caplog):
     )
     caplog.clear()
     image = str(workspace["gen"] / "0000.png")
-    code = main(
-        ["-q", "attribute", "--model", str(other), "--features", str(feats), "--image", image]
-    )
+    code = attribute(other, feats, "--image", image)
     assert code == 2 and "model hash" in caplog.text

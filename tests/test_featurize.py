@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 
+from diffattr import testing
 from diffattr.attribution import featurize as fz
 from diffattr.attribution.featurize import (
     FeaturizeArgs,
@@ -26,18 +26,7 @@ from diffattr.diffusion.model import DiffusionModel
 
 
 def tiny_model(double: bool = True) -> DiffusionModel:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
-    return DiffusionModel(unet=unet.double() if double else unet, scheduler=DDPMScheduler())
+    return testing.tiny_model(dtype=torch.float64 if double else torch.float32)
 
 
 def _x0(b: int = 3, dtype: torch.dtype = torch.float64) -> torch.Tensor:

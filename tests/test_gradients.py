@@ -6,9 +6,10 @@ import fnmatch
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention
 
+from diffattr import testing
 from diffattr.attribution.gradients import (
     per_sample_grads,
     per_sample_grads_loop,
@@ -22,22 +23,7 @@ from diffattr.diffusion.model import DiffusionModel
 def tiny_model(
     dtype: torch.dtype = torch.float64, num_classes: int | None = None
 ) -> DiffusionModel:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=num_classes,
-    )
-    return DiffusionModel(
-        unet=unet.double() if dtype == torch.float64 else unet,
-        scheduler=DDPMScheduler(num_train_timesteps=1000),
-    )
+    return testing.tiny_model(dtype=dtype, num_class_embeds=num_classes)
 
 
 def _inputs(dtype: torch.dtype = torch.float64, b: int = 3):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 
+from diffattr import testing
 from diffattr.attribution.base import Queries, Trajectory
 from diffattr.attribution.methods.common import query_ids
 from diffattr.attribution.registry import ATTRIBUTORS, list_attributors, make_attributor
@@ -25,19 +25,7 @@ T_TRAIN = 100
 
 
 def tiny_model(seed: int = 0) -> DiffusionModel:
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
-    unet.eval()
-    return DiffusionModel(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=T_TRAIN))
+    return testing.tiny_model(seed, num_train_timesteps=T_TRAIN)
 
 
 @pytest.fixture(scope="module")
@@ -378,19 +366,7 @@ def test_journey_trak_can_featurize_in_fit(model, train, tmp_path) -> None:
 
 
 def test_class_conditional_model_uses_labels(train, queries) -> None:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=2,
-    )
-    cond = DiffusionModel(unet=unet.eval(), scheduler=DDPMScheduler(num_train_timesteps=T_TRAIN))
+    cond = testing.tiny_model(num_train_timesteps=T_TRAIN, num_class_embeds=2)
     labelled = ImageDataset("toy", train.images, train.ids, labels=torch.tensor([0, 1, 0, 1, 1]))
     for name in ("trak", "das", "grad-dot"):
         a = make_attributor(name, cond, timestep_values=[40], **BASE)

@@ -17,18 +17,9 @@ from diffattr.diffusion import is_trained, load_model, train_model
 from diffattr.diffusion import trainer as trainer_mod
 from diffattr.diffusion.trainer import checkpoint_dirs, draw_micro_batch
 from diffattr.repro import MismatchError
+from diffattr.testing import TINY_UNET
 
-TINY_MODEL = {
-    "sample_size": 8,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4,
-    "attention_head_dim": 8,
-}
+TINY_MODEL = {**TINY_UNET, "attention_head_dim": 8}
 
 
 def tiny_cfg(seed: int = 0, model: dict | None = None, **train):

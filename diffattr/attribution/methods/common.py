@@ -275,15 +275,11 @@ def featurize_images(
     return torch.cat(out)
 
 
-class FeatureAttributor:
-    """Featurize train into a store, featurize queries in memory, score with a kernel.
+class GradientAttributor:
+    """State every gradient method keeps: model, options, work folder, fitted training set,
+    timings. Subclasses set ``name`` and implement ``fit`` / ``score`` / ``config``."""
 
-    Subclasses set ``name`` and implement :meth:`train_args`, :meth:`prepare` (build the kernel
-    from training features) and :meth:`kernel_scores`; :meth:`query_args` defaults to the
-    training settings.
-    """
-
-    name: str = "feature"
+    name: str = "gradient"
 
     def __init__(self, model: Any, work_dir: Path | None, options: Any, progress: bool = False):
         self.model = model
@@ -293,6 +289,26 @@ class FeatureAttributor:
         self.train: ImageDataset | None = None
         self.timing: dict[str, float] = {}
         self.info: dict[str, Any] = {}
+
+    def check_train(self, train: ImageDataset) -> None:
+        if len(train) == 0:
+            raise ValueError(f"{self.name}: empty training set")
+
+    def require_fit(self) -> ImageDataset:
+        if self.train is None:
+            raise RuntimeError(f"{self.name}: call fit(train) before score(queries)")
+        return self.train
+
+
+class FeatureAttributor(GradientAttributor):
+    """Featurize train into a store, featurize queries in memory, score with a kernel.
+
+    Subclasses set ``name`` and implement :meth:`train_args`, :meth:`prepare` (build the kernel
+    from training features) and :meth:`kernel_scores`; :meth:`query_args` defaults to the
+    training settings.
+    """
+
+    name: str = "feature"
 
     # -- hooks
     def train_args(self) -> FeaturizeArgs:
@@ -310,8 +326,7 @@ class FeatureAttributor:
     # -- protocol
     def fit(self, train: ImageDataset) -> None:
         """Featurize ``train`` (or reuse its store) and build the kernel."""
-        if len(train) == 0:
-            raise ValueError(f"{self.name}: empty training set")
+        self.check_train(train)
         args = self.train_args()
         folder = store_folder(self.work, self.name, args, self.model, train)
         t0 = time.perf_counter()
@@ -342,11 +357,6 @@ class FeatureAttributor:
         values = self.kernel_scores(q)
         self.timing["score_s"] = time.perf_counter() - t0
         return make_scores(self, train, queries, values)
-
-    def require_fit(self) -> ImageDataset:
-        if self.train is None:
-            raise RuntimeError(f"{self.name}: call fit(train) before score(queries)")
-        return self.train
 
     def config(self) -> dict[str, Any]:
         """Options + what was derived (lambda, timesteps) + timing, all JSON-able."""

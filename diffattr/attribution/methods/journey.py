@@ -44,7 +44,7 @@ from diffattr.attribution.base import Queries, Scores, Trajectory
 from diffattr.attribution.featurize import FeaturizeArgs, per_step_features
 from diffattr.attribution.methods.common import (
     BaseGradOptions,
-    WorkDir,
+    GradientAttributor,
     _check_lambda,
     _positive_int,
     kernel_device,
@@ -98,20 +98,16 @@ def predicted_x0(model: Any, traj: Trajectory, steps: list[int], clip: bool) -> 
     return x0.to(torch.float32)
 
 
-class JourneyTrak:
+class JourneyTrak(GradientAttributor):
     """``journey-trak``: per-step TRAK along each query's sampling trajectory."""
 
     name: str = "journey-trak"
+    options: JourneyOptions
 
     def __init__(
         self, model: Any, work_dir: Path | None, options: JourneyOptions, progress: bool = False
     ) -> None:
-        self.model = model
-        self.options = options
-        self.progress = progress
-        self.work = WorkDir(work_dir)
-        self.train: ImageDataset | None = None
-        self.timing: dict[str, float] = {}
+        super().__init__(model, work_dir, options, progress)
         self._kernels: dict[tuple[int, ...], list[TrakKernel]] = {}
         self._last_lambdas: list[float] = []
 
@@ -141,7 +137,7 @@ class JourneyTrak:
 
     def kernels_for(self, timesteps: list[int]) -> list[TrakKernel]:
         """One TRAK kernel per step timestep (training features featurized on first use)."""
-        train = self._require_fit()
+        train = self.require_fit()
         key = tuple(timesteps)
         if key not in self._kernels:
             args = self.train_args(timesteps)
@@ -164,18 +160,12 @@ class JourneyTrak:
         return self._kernels[key]
 
     def fit(self, train: ImageDataset) -> None:
-        if len(train) == 0:
-            raise ValueError(f"{self.name}: empty training set")
+        self.check_train(train)
         self.train = train
         self._kernels = {}
         ts = self.options.trajectory_timesteps
         if ts is not None:
             self.kernels_for([ts[i] for i in self.step_indices(len(ts))])
-
-    def _require_fit(self) -> ImageDataset:
-        if self.train is None:
-            raise RuntimeError(f"{self.name}: call fit(train) before score(queries)")
-        return self.train
 
     def _query_steps(self, queries: Queries) -> tuple[list[int], list[int]]:
         """(trajectory step indices, their timesteps), identical for every query."""
@@ -226,7 +216,7 @@ class JourneyTrak:
         return torch.cat(out)
 
     def score(self, queries: Queries) -> Scores:
-        train = self._require_fit()
+        train = self.require_fit()
         steps, timesteps = self._query_steps(queries)
         kernels = self.kernels_for(timesteps)
         t0 = time.perf_counter()

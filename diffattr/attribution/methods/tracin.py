@@ -35,8 +35,8 @@ from diffattr.attribution.base import Queries, Scores
 from diffattr.attribution.featurize import FeaturizeArgs
 from diffattr.attribution.methods.common import (
     FeatureAttributor,
+    GradientAttributor,
     GradientOptions,
-    WorkDir,
     featurize_images,
     labels_for,
     make_featurize_args,
@@ -96,21 +96,17 @@ class GradCosOptions(GradientOptions):
     """Shared gradient options (one model)."""
 
 
-class TracIn:
+class TracIn(GradientAttributor):
     """``tracin``: ``sum_c lr_c <g_q^c, g_i^c>`` over checkpoints."""
 
     name: str = "tracin"
     normalize: ClassVar[bool] = False
+    options: TracInOptions
 
     def __init__(
         self, model: Any, work_dir: Path | None, options: TracInOptions, progress: bool = False
     ) -> None:
-        self.model = model
-        self.options = options
-        self.progress = progress
-        self.work = WorkDir(work_dir)
-        self.train: ImageDataset | None = None
-        self.timing: dict[str, float] = {}
+        super().__init__(model, work_dir, options, progress)
         self._train_feats: list[Tensor] = []
 
     def args(self) -> FeaturizeArgs:
@@ -127,8 +123,7 @@ class TracIn:
         return load_model(self.options.checkpoints[c], device=self.model.device)
 
     def fit(self, train: ImageDataset) -> None:
-        if len(train) == 0:
-            raise ValueError(f"{self.name}: empty training set")
+        self.check_train(train)
         args = self.args()
         t0 = time.perf_counter()
         self._train_feats = []
@@ -140,11 +135,10 @@ class TracIn:
         self.train = train
 
     def score(self, queries: Queries) -> Scores:
-        if self.train is None:
-            raise RuntimeError(f"{self.name}: call fit(train) before score(queries)")
+        train = self.require_fit()
         args = self.args()
         ids = query_ids(queries.names)
-        total = torch.zeros(len(queries), len(self.train), dtype=torch.float64)
+        total = torch.zeros(len(queries), len(train), dtype=torch.float64)
         t_feat = t_score = 0.0
         for c, lr in enumerate(self.options.rates()):
             model = self.checkpoint_model(c)
@@ -166,7 +160,7 @@ class TracIn:
             t_score += time.perf_counter() - t1
         self.timing["featurize_queries_s"] = t_feat
         self.timing["score_s"] = t_score
-        return make_scores(self, self.train, queries, total)
+        return make_scores(self, train, queries, total)
 
     def config(self) -> dict[str, Any]:
         return {
