@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -57,10 +59,16 @@ def setup():
     return cfg, load_dataset(cfg.data)
 
 
-def test_local_accelerator_trains_like_the_default_one(setup, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_local_accelerator_trains_like_the_default_one(setup, tmp_path, accum):
     cfg, data = setup
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, gradient_accumulation_steps=accum)
+    )
     a = train_model(cfg, data, tmp_path / "a", accelerator=None, progress=False)
-    b = train_model(cfg, data, tmp_path / "b", accelerator=LocalAccelerator(), progress=False)
+    local = LocalAccelerator(gradient_accumulation_steps=accum)
+    b = train_model(cfg, data, tmp_path / "b", accelerator=local, progress=False)
+    # accelerate divides each micro-step loss by the accumulation steps; so must the stand-in.
     assert state_dict_hash(a.unet) == state_dict_hash(b.unet)
     with pytest.raises(ValueError, match="fp16"):
         LocalAccelerator("fp16")

@@ -86,6 +86,10 @@ def test_eval_config_unknown_keys_named():
         eval_config_from_dict({"subsets": {}})
     with pytest.raises(ConfigError, match="timesteps"):
         eval_config_from_dict({"experiment": EXP, "ground_truth": {"timesteps": 5000}})
+    assert eval_config_from_dict({"experiment": EXP, "stack_models": 4}).stack_models == 4
+    for key in ("stack_models", "workers"):
+        with pytest.raises(ConfigError, match=f"{key}: expected an integer >= 1"):
+            eval_config_from_dict({"experiment": EXP, key: 0})
 
 
 def test_eval_config_experiment_path_and_overrides(tmp_path):

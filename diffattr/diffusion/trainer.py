@@ -138,7 +138,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, num_updates: int) -> None:
-        d = min(self.decay, (1 + num_updates) / (10 + num_updates))
+        d = ema_decay_at(self.decay, num_updates)
         for n, p in module.named_parameters():
             self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
 
@@ -146,6 +146,11 @@ class EMA:
         with torch.no_grad():
             for n, p in module.named_parameters():
                 p.copy_(self.shadow[n].to(p.dtype))
+
+
+def ema_decay_at(decay: float, num_updates: int) -> float:
+    """The EMA decay used for update number ``num_updates`` (0-based), with warmup."""
+    return min(decay, (1 + num_updates) / (10 + num_updates))
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -172,15 +177,20 @@ def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _save_checkpoint(
+def save_checkpoint(
     out_dir: Path,
-    unet: torch.nn.Module,
-    ema: EMA | None,
-    optimizer: torch.optim.Optimizer,
+    unet_state: dict[str, torch.Tensor],
+    ema_shadow: dict[str, torch.Tensor] | None,
+    optimizer_state: dict[str, Any],
     scaler_state: dict | None,
     state: TrainState,
     keep: int | None = 2,
 ) -> Path:
+    """Write ``checkpoints/step-XXXXXX`` atomically (a temporary folder renamed into place).
+
+    The optimizer state is a ``torch.optim.AdamW.state_dict()`` over the UNet's parameters in
+    ``named_parameters`` order, so the one-model and the stacked trainer resume each other's runs.
+    """
     root = out_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
@@ -188,10 +198,10 @@ def _save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(_cpu_state(unet.state_dict()), str(tmp / "unet.safetensors"))
-    if ema is not None:
-        save_file(_cpu_state(ema.shadow), str(tmp / "ema.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(_cpu_state(unet_state), str(tmp / "unet.safetensors"))
+    if ema_shadow is not None:
+        save_file(_cpu_state(ema_shadow), str(tmp / "ema.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     if scaler_state is not None:
         torch.save(scaler_state, tmp / "scaler.pt")
     (tmp / "state.json").write_text(
@@ -206,7 +216,7 @@ def _save_checkpoint(
     return final
 
 
-def _remove_partial_checkpoints(out_dir: Path) -> None:
+def remove_partial_checkpoints(out_dir: Path) -> None:
     """Delete temporary folders of checkpoints that a kill interrupted mid-write."""
     root = out_dir / CHECKPOINT_DIR
     if root.is_dir():
@@ -218,6 +228,47 @@ def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+@dataclass
+class Checkpoint:
+    """The contents of one ``checkpoints/step-XXXXXX`` folder, on the CPU."""
+
+    unet: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any] | None
+    state: TrainState
+
+
+def read_checkpoint(ckpt: Path) -> Checkpoint:
+    """Read a checkpoint folder (``weights_only`` for the optimizer/scaler pickles)."""
+    try:
+        ema = (
+            load_file(str(ckpt / "ema.safetensors"))
+            if (ckpt / "ema.safetensors").exists()
+            else None
+        )
+        scaler = (
+            torch.load(ckpt / "scaler.pt", weights_only=True)
+            if (ckpt / "scaler.pt").exists()
+            else None
+        )
+        meta = json.loads((ckpt / "state.json").read_text())
+        return Checkpoint(
+            unet=load_file(str(ckpt / "unet.safetensors")),
+            ema=ema,
+            optimizer=torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True),
+            scaler=scaler,
+            state=TrainState(
+                step=int(meta["step"]),
+                loss_history=[(int(st), float(v)) for st, v in meta["loss_history"]],
+            ),
+        )
+    except Exception as exc:
+        raise RuntimeError(
+            f"{ckpt}: unreadable checkpoint ({exc}); delete this folder to resume from an earlier one"
+        ) from exc
+
+
 def _load_checkpoint(
     ckpt: Path,
     unet: torch.nn.Module,
@@ -225,24 +276,22 @@ def _load_checkpoint(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
 ) -> TrainState:
+    c = read_checkpoint(ckpt)
     try:
-        unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
+        unet.load_state_dict(c.unet)
         if ema is not None:
-            shadow = load_file(str(ckpt / "ema.safetensors"))
-            ema.shadow = {k: v.to(accelerator.device) for k, v in shadow.items()}
-        optimizer.load_state_dict(
-            torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-        )
-        if accelerator.scaler is not None and (ckpt / "scaler.pt").exists():
-            accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
-        meta = json.loads((ckpt / "state.json").read_text())
+            if c.ema is None:
+                raise ValueError("no ema.safetensors but the config has ema_decay")
+            ema.shadow = {k: v.to(accelerator.device) for k, v in c.ema.items()}
+        optimizer.load_state_dict(c.optimizer)
+        if accelerator.scaler is not None and c.scaler is not None:
+            accelerator.scaler.load_state_dict(c.scaler)
     except Exception as exc:
         raise RuntimeError(
-            f"{ckpt}: unreadable checkpoint ({exc}); delete this folder to resume from an earlier one"
+            f"{ckpt}: checkpoint does not fit this model ({exc}); delete this folder to resume "
+            "from an earlier one"
         ) from exc
-    return TrainState(
-        step=int(meta["step"]), loss_history=[(int(s), float(v)) for s, v in meta["loss_history"]]
-    )
+    return c.state
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -282,7 +331,7 @@ def is_trained(out_dir: str | os.PathLike) -> bool:
     return bool(record.get("finished")) and (out_dir / "unet" / "config.json").exists()
 
 
-def _check_inputs(cfg: ExperimentConfig, train_set: ImageDataset, accelerator: Accelerator) -> None:
+def check_inputs(cfg: ExperimentConfig, train_set: ImageDataset, accelerator: Any) -> None:
     m = cfg.model
     want = (m.in_channels, m.sample_size, m.sample_size)
     if train_set.image_shape != want:
@@ -307,7 +356,7 @@ def _check_inputs(cfg: ExperimentConfig, train_set: ImageDataset, accelerator: A
         )
 
 
-def _open_out_dir(out_dir: Path, identity: dict, accelerator: Accelerator) -> None:
+def open_out_dir(out_dir: Path, identity: dict, accelerator: Any) -> None:
     # Every process compares an existing record (so all raise MismatchError alike); only the main
     # process creates a new one.
     if (out_dir / RECORD_NAME).exists():
@@ -347,9 +396,9 @@ def train_model(
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         )
-    _check_inputs(cfg, train_set, accelerator)
+    check_inputs(cfg, train_set, accelerator)
     identity = training_identity(cfg, train_set)
-    _open_out_dir(out_dir, identity, accelerator)
+    open_out_dir(out_dir, identity, accelerator)
     if is_trained(out_dir):
         log.info("%s: already trained with this config and data; loading", out_dir)
         return load_model(out_dir, device=accelerator.device)
@@ -363,7 +412,7 @@ def train_model(
     )
     state = TrainState()
     if accelerator.is_main_process:
-        _remove_partial_checkpoints(out_dir)
+        remove_partial_checkpoints(out_dir)
     ckpts = checkpoint_dirs(out_dir)
     if ckpts:
         state = _load_checkpoint(ckpts[-1][1], unet, ema, optimizer, accelerator)
@@ -391,35 +440,62 @@ def train_model(
     final = copy.deepcopy(accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)).float()
     if ema is not None:
         ema.copy_to(final)
-    final.eval()
     result = DiffusionModel(
-        unet=final, scheduler=model.scheduler, record={**model.record, "steps": state.step}
+        unet=final.eval(), scheduler=model.scheduler, record={**model.record, "steps": state.step}
     )
     if state.step >= cfg.train.steps and accelerator.is_main_process:
-        _write_loss_csv(out_dir / LOSS_FILE, state.loss_history)
-        record = read_record(out_dir)
-        record.update(
-            config=cfg.to_dict(),
-            seed=cfg.seed,
-            data_hash=identity["data_hash"],
-            train_ids=train_set.ids.tolist(),
-            n_train=len(train_set),
-            steps=state.step,
-            ema=cfg.train.ema_decay is not None,
-            loss_history_file=LOSS_FILE,
-            final_loss=_recent_mean(state.loss_history),
-            train_seconds_last_run=round(time.time() - started, 2),
-            num_processes=accelerator.num_processes,
-            finished=True,
+        finish_run(
+            result,
+            cfg,
+            train_set,
+            out_dir,
+            state,
+            started,
+            accelerator.num_processes,
+            keep_checkpoints,
         )
-        result.record = record
-        save_model(result, out_dir)
-        if not keep_checkpoints:
-            shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
     accelerator.wait_for_everyone()
     if state.step >= cfg.train.steps and not accelerator.is_main_process:
         result.record = read_record(out_dir)
     return result
+
+
+def finish_run(
+    result: DiffusionModel,
+    cfg: ExperimentConfig,
+    train_set: ImageDataset,
+    out_dir: Path,
+    state: TrainState,
+    started: float,
+    num_processes: int,
+    keep_checkpoints: bool,
+    **extra: Any,
+) -> None:
+    """Save a finished run: loss CSV, the completed record, the model; drop its checkpoints.
+
+    ``extra`` goes into the record (e.g. how many models were trained together).
+    """
+    _write_loss_csv(out_dir / LOSS_FILE, state.loss_history)
+    record = read_record(out_dir)
+    record.update(
+        config=cfg.to_dict(),
+        seed=cfg.seed,
+        data_hash=train_set.data_hash(),
+        train_ids=train_set.ids.tolist(),
+        n_train=len(train_set),
+        steps=state.step,
+        ema=cfg.train.ema_decay is not None,
+        loss_history_file=LOSS_FILE,
+        final_loss=_recent_mean(state.loss_history),
+        train_seconds_last_run=round(time.time() - started, 2),
+        num_processes=num_processes,
+        **extra,
+        finished=True,
+    )
+    result.record = record
+    save_model(result, out_dir)
+    if not keep_checkpoints:
+        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def _recent_mean(history: list[tuple[int, float]], k: int = 50) -> float | None:
@@ -529,7 +605,13 @@ def _checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        _save_checkpoint(
-            out_dir, accelerator.unwrap_model(wrapped), ema, optimizer, scaler, state, keep
+        save_checkpoint(
+            out_dir,
+            accelerator.unwrap_model(wrapped).state_dict(),
+            None if ema is None else ema.shadow,
+            optimizer.state_dict(),
+            scaler,
+            state,
+            keep,
         )
     accelerator.wait_for_everyone()

@@ -12,7 +12,8 @@ the retraining ground truth is built and which methods are judged::
     methods: {trak: {...options passed to make_attributor...}, pixel: {}}
     counterfactual: {enabled: true, queries: 2, fractions: [0.01, 0.05, 0.1]}
     lds: {bootstrap: 1000, seed: 0, level: 0.95}
-    workers: 1
+    workers: 1                         # processes (torchrun); each takes a share of the models
+    stack_models: 1                    # models a process trains at once (torch.func stacking)
 
 Unknown keys are an error naming the section and key.
 """
@@ -92,6 +93,7 @@ class EvalConfig:
     counterfactual: CounterfactualConfig = field(default_factory=CounterfactualConfig)
     lds: LDSConfig = field(default_factory=LDSConfig)
     workers: int = 1
+    stack_models: int = 1  # retrained models per process trained together (1: one by one)
     source: str | None = None  # the YAML file it came from
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +112,14 @@ _SECTIONS: dict[str, type] = {
     "counterfactual": CounterfactualConfig,
     "lds": LDSConfig,
 }
-_TOP_KEYS = {"experiment", "experiment_overrides", "methods", "workers", *_SECTIONS}
+_TOP_KEYS = {
+    "experiment",
+    "experiment_overrides",
+    "methods",
+    "workers",
+    "stack_models",
+    *_SECTIONS,
+}
 
 
 def _section(cls: type, values: Any, where: str) -> Any:
@@ -208,9 +217,8 @@ def eval_config_from_dict(
             raise ConfigError(
                 f"{where}.methods.{name}: expected a mapping of options, got {opts!r}"
             )
-    workers = values.get("workers", 1)
-    if not isinstance(workers, int) or isinstance(workers, bool):
-        raise ConfigError(f"{where}.workers: expected an integer, got {workers!r}")
+    workers = _positive(values, "workers", where)
+    stack_models = _positive(values, "stack_models", where)
     cf = values.get("counterfactual") or {}
     if isinstance(cf, dict) and isinstance(cf.get("fractions"), list):
         cf["fractions"] = [float(v) for v in cf["fractions"]]
@@ -218,11 +226,19 @@ def eval_config_from_dict(
         experiment=_experiment(values, where, folder),
         methods={str(k): dict(v or {}) for k, v in methods.items()},
         workers=workers,
+        stack_models=stack_models,
         **{k: _section(cls, values.get(k), f"{where}.{k}") for k, cls in _SECTIONS.items()},
     )
     cfg.subsets.alpha = float(cfg.subsets.alpha)
     _validate(cfg, where)
     return cfg
+
+
+def _positive(values: dict[str, Any], key: str, where: str) -> int:
+    v = values.get(key, 1)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {v!r}")
+    return v
 
 
 def load_eval_config(path: str | Path) -> EvalConfig:

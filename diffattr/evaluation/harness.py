@@ -373,7 +373,7 @@ def _counterfactual(
         folder / "models",
     )
     jobs = cf.unique_jobs(removals)
-    run_jobs(jobs, train, proc, progress=progress)
+    run_jobs(jobs, train, proc, progress=progress, stack=cfg.stack_models)
     wait_for_jobs(jobs)
     if sync.main:
         originals = {
@@ -428,7 +428,11 @@ def evaluate(
     train = load_dataset(exp.data)
     identity = {
         # Methods may be added to a finished evaluation later; the process count changes nothing.
-        "eval_config": {k: v for k, v in cfg.to_dict().items() if k not in ("methods", "workers")},
+        "eval_config": {
+            k: v
+            for k, v in cfg.to_dict().items()
+            if k not in ("methods", "workers", "stack_models")
+        },
         "data_hash": train.data_hash(),
         "seed": exp.seed,
     }
@@ -468,7 +472,7 @@ def evaluate(
     sync.wait_main("subsets")
     subsets = load_subsets(out / "subsets")
     jobs = subset_jobs(exp, subsets, sub_cfg.seeds_per_subset, out / "models")
-    run_jobs(jobs, train, proc, progress=progress)
+    run_jobs(jobs, train, proc, progress=progress, stack=cfg.stack_models)
     wait_for_jobs(jobs)
 
     g = cfg.ground_truth

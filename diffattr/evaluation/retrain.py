@@ -9,8 +9,11 @@ with the project trainer (:func:`diffattr.diffusion.trainer.train_model`). Jobs 
   takes jobs ``r, r + W, r + 2W, ...`` and trains each *whole* model by itself (no data parallelism
   across the group: each gets a :class:`LocalAccelerator`). Callers then wait for every job.
 
-Models are trained one after the other within a process (no stacking of several small models with
-``torch.func``).
+* **stacked** (``stack > 1``): a process trains up to ``stack`` of its models at once with
+  :func:`diffattr.diffusion.stacked.train_stacked` (stacked parameters under ``torch.func.vmap``),
+  which keeps a GPU busy with small models; each model is still trained exactly as alone (up to
+  float rounding) and checkpointed in its own folder. Jobs that cannot share a stack (dropout,
+  different configs, checkpoints at different steps) are trained one by one.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ class LocalAccelerator:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, **_: Any) -> None:
-        loss.backward()
+        # As Accelerator.backward: micro-step losses are averaged over the accumulation window.
+        (loss / self.gradient_accumulation_steps).backward()
 
     def clip_grad_norm_(self, params: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
@@ -169,6 +173,31 @@ def my_jobs(jobs: Sequence[TrainJob], proc: ProcessInfo) -> list[TrainJob]:
     return list(jobs[proc.index :: proc.count])
 
 
+def stack_groups(jobs: Sequence[TrainJob], stack: int) -> list[list[TrainJob]]:
+    """Split ``jobs`` (in order) into groups of at most ``stack`` that can train together.
+
+    Jobs group with others of the same config (but seed) whose checkpoints are at the same step;
+    a job that cannot be stacked at all (see ``why_not_stackable``) is a group of its own.
+    """
+    from diffattr.diffusion.stacked import stack_key, why_not_stackable
+    from diffattr.diffusion.trainer import checkpoint_dirs
+
+    open_groups: dict[tuple[str, int], list[TrainJob]] = {}
+    groups: list[list[TrainJob]] = []
+    for job in jobs:
+        if stack <= 1 or why_not_stackable([job.cfg]) is not None:
+            groups.append([job])
+            continue
+        found = checkpoint_dirs(job.out_dir)
+        key = (stack_key(job.cfg), found[-1][0] if found else 0)
+        group = open_groups.get(key)
+        if group is None or len(group) >= stack:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append(job)
+    return groups
+
+
 def run_jobs(
     jobs: Sequence[TrainJob],
     train_set: ImageDataset,
@@ -176,9 +205,16 @@ def run_jobs(
     trainer: Trainer | None = None,
     is_done: Callable[[Path], bool] | None = None,
     progress: bool = True,
+    stack: int = 1,
 ) -> list[str]:
-    """Train this process's share of ``jobs`` (skipping finished ones); names of those trained."""
+    """Train this process's share of ``jobs`` (skipping finished ones); names of those trained.
+
+    ``stack``: train up to this many models at once (see the module docstring); a custom
+    ``trainer`` always trains one model at a time.
+    """
     proc = proc or ProcessInfo()
+    if trainer is not None:
+        stack = 1
     trainer = trainer or default_trainer()
     is_done = is_done or default_is_done()
     mine = my_jobs(jobs, proc)
@@ -190,17 +226,35 @@ def run_jobs(
     log.info(
         "process %d/%d: %d of its %d models to train", proc.index, proc.count, len(todo), len(mine)
     )
-    bar = tqdm(todo, disable=not progress, desc=f"retrain[{proc.index}]")
-    for job in bar:
-        bar.set_postfix_str(job.name)
-        subset = train_set.select_ids(np.sort(job.keep_ids), name=f"{train_set.name}[{job.name}]")
+    bar = tqdm(total=len(todo), disable=not progress, desc=f"retrain[{proc.index}]")
+    for group in stack_groups(todo, stack):
+        names = [j.name for j in group]
+        bar.set_postfix_str(names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}")
         t0 = time.perf_counter()
-        trainer(
-            job.cfg, subset, job.out_dir, accelerator=local_accelerator(job.cfg), progress=False
-        )
-        log.info("trained %s in %.1fs", job.name, time.perf_counter() - t0)
-        trained.append(job.name)
+        if len(group) == 1:
+            job = group[0]
+            trainer(
+                job.cfg,
+                job_subset(train_set, job),
+                job.out_dir,
+                accelerator=local_accelerator(job.cfg),
+                progress=False,
+            )
+        else:
+            from diffattr.diffusion.stacked import StackJob, train_stacked
+
+            stacked = [StackJob(j.cfg, job_subset(train_set, j), j.out_dir) for j in group]
+            train_stacked(stacked, device=local_accelerator(group[0].cfg).device, progress=False)
+        log.info("trained %s in %.1fs", ", ".join(names), time.perf_counter() - t0)
+        trained.extend(names)
+        bar.update(len(group))
+    bar.close()
     return trained
+
+
+def job_subset(train_set: ImageDataset, job: TrainJob) -> ImageDataset:
+    """The training images of ``job`` (its kept ids, in id order)."""
+    return train_set.select_ids(np.sort(job.keep_ids), name=f"{train_set.name}[{job.name}]")
 
 
 def wait_until(
@@ -244,8 +298,9 @@ def train_ensemble(
     trainer: Trainer | None = None,
     is_done: Callable[[Path], bool] | None = None,
     progress: bool = True,
+    stack: int = 1,
 ) -> list[str]:
     """Train this process's share, then wait until every job (all processes) is finished."""
-    trained = run_jobs(jobs, train_set, proc, trainer, is_done, progress)
+    trained = run_jobs(jobs, train_set, proc, trainer, is_done, progress, stack)
     wait_for_jobs(jobs, is_done)
     return trained
