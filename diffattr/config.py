@@ -7,6 +7,7 @@ are an error naming the section and key, so a typo never silently falls back to 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,23 @@ class ModelConfig:
     )
     norm_num_groups: int = 8
     attention_head_dim: int | None = 8
-    dropout: float = 0.0
+    dropout: float = 0.0  # resnet blocks
     num_class_embeds: int | None = None  # set for a class-conditional model
+    # Less common UNet2DModel settings (diffusers' defaults; D-TRAK's CIFAR model changes them).
+    norm_eps: float = 1e-5
+    resnet_time_scale_shift: str = "default"  # "scale_shift": time embedding as scale and shift
+    freq_shift: int = 0
+    flip_sin_to_cos: bool = True
+    downsample_padding: int = 1
+    # Not a UNet2DModel argument: diffusers builds attention with dropout 0; this sets the
+    # attention output dropout after building (D-TRAK sets every Dropout module to 0.1).
+    attention_dropout: float = 0.0
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``UNet2DModel``."""
+        kwargs = dataclasses.asdict(self)
+        kwargs.pop("attention_dropout")
+        return kwargs
 
 
 @dataclass
@@ -70,6 +86,17 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 100
+    # "constant": linear warmup, then the full rate; "cosine": warmup, then half a cosine down
+    # to 0 at the last step (diffusers' get_cosine_schedule_with_warmup, as in D-TRAK).
+    lr_schedule: str = "constant"
+    # When set, the run length is this many passes over the training set it is given
+    # (steps = epochs * ceil(n / (batch_size * gradient_accumulation_steps))), so retrained subset
+    # models get the same number of epochs as the full model (D-TRAK); `steps` is then ignored.
+    epochs: int | None = None
+    # When set, lr_warmup_steps = ceil(fraction * steps) (D-TRAK: 0.1); else lr_warmup_steps.
+    lr_warmup_fraction: float | None = None
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     ema_decay: float | None = None  # e.g. 0.999; the EMA weights are what gets saved
@@ -129,7 +156,7 @@ _SECTIONS: dict[tuple[type, str], type] = {
 def config_from_dict(values: dict[str, Any], where: str = "config") -> ExperimentConfig:
     cfg = _build(ExperimentConfig, values, where)
     # YAML reads 1e-3 as a string; coerce the float fields that users write that way.
-    for section in (cfg.train, cfg.scheduler, cfg.sample):
+    for section in (cfg.train, cfg.scheduler, cfg.sample, cfg.model):
         for f in dataclasses.fields(section):
             v = getattr(section, f.name)
             if isinstance(v, str) and f.type in ("float", "float | None"):
@@ -137,7 +164,73 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> Experimen
                     setattr(section, f.name, float(v))
                 except ValueError as exc:
                     raise ConfigError(f"{where}: {f.name}={v!r} is not a number") from exc
+    _check_train(cfg.train, where)
     return cfg
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+# Keys added after results were first written. Left out of identities while at their defaults,
+# so folders made before the keys existed (trained models, evaluations) still reopen.
+_ADDED_LATER: dict[str, tuple[str, ...]] = {
+    "model": (
+        "norm_eps",
+        "resnet_time_scale_shift",
+        "freq_shift",
+        "flip_sin_to_cos",
+        "downsample_padding",
+        "attention_dropout",
+    ),
+    "train": ("lr_schedule", "epochs", "lr_warmup_fraction", "adam_beta1", "adam_beta2"),
+}
+_SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+
+
+def identity_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``cfg.to_dict()`` for result identities: later-added keys left out while at their defaults."""
+    d = cfg.to_dict()
+    for section, keys in _ADDED_LATER.items():
+        defaults = _SECTION_TYPES[section]()
+        for key in keys:
+            if d[section][key] == getattr(defaults, key):
+                d[section].pop(key)
+    return d
+
+
+def _check_train(t: TrainConfig, where: str) -> None:
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(
+            f"{where}: train.lr_schedule={t.lr_schedule!r}; expected one of {list(LR_SCHEDULES)}"
+        )
+    if t.epochs is not None and (not isinstance(t.epochs, int) or t.epochs < 1):
+        raise ConfigError(f"{where}: train.epochs={t.epochs!r}; expected an integer >= 1 or null")
+    f = t.lr_warmup_fraction
+    if f is not None and not 0.0 <= f < 1.0:
+        raise ConfigError(f"{where}: train.lr_warmup_fraction={f!r}; expected a value in [0, 1)")
+
+
+def resolve_train_length(cfg: ExperimentConfig, n_train: int) -> ExperimentConfig:
+    """``cfg`` with ``train.steps`` / ``train.lr_warmup_steps`` made concrete for ``n_train`` images.
+
+    Applies ``train.epochs`` and ``train.lr_warmup_fraction`` (then clears them); a config without
+    them is returned unchanged.
+    """
+    t = cfg.train
+    if t.epochs is None and t.lr_warmup_fraction is None:
+        return cfg
+    steps = t.steps
+    if t.epochs is not None:
+        if n_train < 1:
+            raise ConfigError("train.epochs: the training set is empty")
+        per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)
+        steps = t.epochs * per_epoch
+    warmup = t.lr_warmup_steps
+    if t.lr_warmup_fraction is not None:
+        warmup = math.ceil(t.lr_warmup_fraction * steps)
+    train = dataclasses.replace(
+        t, steps=steps, lr_warmup_steps=warmup, epochs=None, lr_warmup_fraction=None
+    )
+    return dataclasses.replace(cfg, train=train)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -367,8 +367,12 @@ def test_no_trajectory_mode_and_class_conditional_sampling():
 def test_paper_configs_build_the_ddpm_cifar10_unet(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     m = build_model(cfg)
-    # google/ddpm-cifar10-32's UNet2DModel (the model D-TRAK trained) has 35,746,307 parameters.
-    assert count_parameters(m) == 35_746_307
+    # D-TRAK's CIFAR UNet: google/ddpm-cifar10-32's layout (35,746,307 parameters) with
+    # scale_shift time conditioning, which adds 2,560,384 -> 38,306,691.
+    assert count_parameters(m) == 38_306_691
+    assert m.unet.config["resnet_time_scale_shift"] == "scale_shift"
+    drops = [mod.p for mod in m.unet.modules() if isinstance(mod, torch.nn.Dropout)]
+    assert drops and set(drops) == {0.1}  # every Dropout, attention included (D-TRAK)
     assert m.image_shape == (3, 32, 32) and cfg.data.size == 32
     assert cfg.train.batch_size == 128 and cfg.train.learning_rate == 1e-4
     assert m.scheduler.config["num_train_timesteps"] == 1000

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import scipy.stats
 import torch
 
 from diffattr.attribution.base import Scores
+from diffattr.cli import main as cli_main
 from diffattr.diffusion.model import load_model
 from diffattr.diffusion.sampling import SampleResult, sample
 from diffattr.evaluation.ground_truth import GroundTruth, GroundTruthSpec, query_losses
@@ -138,27 +136,14 @@ def test_rerun_resumes_without_retraining(run):
     assert again.method("trak").lds["held_out"].mean == run.method("trak").lds["held_out"].mean
 
 
-def test_two_processes_give_the_same_ground_truth(run, tmp_path):
+def test_two_processes_give_the_same_ground_truth(run, tmp_path, capfd):
+    # The user's command: `diffattr evaluate --workers 2` -> launch() -> torchrun -> 2 workers.
     out = tmp_path / "two"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "scripts" / "eval_worker.py"),
-        "--config",
-        str(SMOKE),
-        "--out",
-        str(out),
-        "--methods",
-        ",".join(METHODS),
-        "--no-progress",
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "process 1/2" in proc.stderr  # the ensemble really was shared
+    args = ["-q", "evaluate", "--config", str(SMOKE), "--out", str(out), "--workers", "2"]
+    assert cli_main([*args, "--methods", ",".join(METHODS)]) == 0
+    printed = capfd.readouterr()
+    assert "process 1/2" in printed.err  # the ensemble really was shared
+    assert "| trak |" in printed.out  # the comparison table is printed
     gt = GroundTruth.load(out / "ground_truth")
     np.testing.assert_array_equal(gt.losses_per_seed, run.ground_truth.losses_per_seed)
     assert gt.query_names == run.ground_truth.query_names

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 
 import numpy as np
@@ -11,11 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffattr.config import config_from_dict
+from diffattr.config import ConfigError, config_from_dict, identity_dict, resolve_train_length
 from diffattr.data.dataset import DataError, ImageDataset
 from diffattr.diffusion import is_trained, load_model, train_model
 from diffattr.diffusion import trainer as trainer_mod
-from diffattr.diffusion.trainer import checkpoint_dirs, draw_micro_batch
+from diffattr.diffusion.trainer import (
+    checkpoint_dirs,
+    draw_micro_batch,
+    learning_rate_at,
+    make_optimizer,
+)
 from diffattr.repro import MismatchError
 from diffattr.testing import TINY_UNET
 
@@ -226,7 +232,7 @@ WORKER = """
 import sys
 import torch
 from accelerate import Accelerator
-from diffattr.config import config_from_dict
+from diffattr.config import ConfigError, config_from_dict, identity_dict, resolve_train_length
 from diffattr.data.dataset import ImageDataset
 from diffattr.diffusion import train_model
 
@@ -290,3 +296,42 @@ def test_checkpoints_pruned_or_kept_and_loadable(tmp_path):
     assert mid.record["steps"] == 4 and mid.record["config"] == cfg.to_dict()
     last = load_file(str(ckpts[-1][1] / "unet.safetensors"))
     assert any(not torch.equal(v, last[k]) for k, v in final.unet.state_dict().items())  # EMA
+
+
+def test_learning_rate_schedules_by_hand():
+    const = tiny_cfg(learning_rate=1.0, lr_warmup_steps=2, steps=10)
+    cos = tiny_cfg(learning_rate=1.0, lr_warmup_steps=2, steps=10, lr_schedule="cosine")
+    assert [learning_rate_at(const, s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    want = [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 8)), 0.5 * (1 + math.cos(math.pi / 4))]
+    assert [learning_rate_at(cos, s) for s in range(5)] == pytest.approx(want)
+    assert learning_rate_at(cos, 6) == pytest.approx(0.5)  # halfway through the decay
+    assert learning_rate_at(cos, 10) == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        tiny_cfg(lr_schedule="linear")
+    opt = make_optimizer(tiny_cfg(adam_beta1=0.95, adam_beta2=0.99), [torch.zeros(2)])
+    assert opt.param_groups[0]["betas"] == (0.95, 0.99)
+
+
+def test_epochs_set_the_length_per_training_set(tmp_path):
+    cfg = tiny_cfg(epochs=2, lr_warmup_fraction=0.25, batch_size=8, checkpoint_every=0)
+    # 24 images at batch 8: 3 steps per epoch -> 6 steps, warmup ceil(1.5) = 2; 10 images: 2 -> 4.
+    full = resolve_train_length(cfg, 24).train
+    assert (full.steps, full.lr_warmup_steps, full.epochs) == (6, 2, None)
+    half = resolve_train_length(cfg, 10).train
+    assert (half.steps, half.lr_warmup_steps) == (4, 1)
+    assert resolve_train_length(tiny_cfg(), 24) == tiny_cfg()  # nothing to resolve
+    model = train_model(cfg, random_set(10), tmp_path / "run", progress=False)
+    assert model.record["steps"] == 4
+    assert len(loss_csv(tmp_path / "run")) == 4
+    assert model.record["config"]["train"]["steps"] == 4  # the record holds the concrete length
+    # Reopening with the same (unresolved) config loads it; its identity is the config as given.
+    again = train_model(cfg, random_set(10), tmp_path / "run", progress=False)
+    assert again.model_hash() == model.model_hash()
+
+
+def test_identity_leaves_out_later_keys_at_their_defaults():
+    plain = identity_dict(tiny_cfg())
+    assert "lr_schedule" not in plain["train"] and "norm_eps" not in plain["model"]
+    assert "block_out_channels" in plain["model"]  # original keys always stay
+    cos = identity_dict(tiny_cfg(lr_schedule="cosine"))
+    assert cos["train"]["lr_schedule"] == "cosine"

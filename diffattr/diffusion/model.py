@@ -156,13 +156,14 @@ def build_model(cfg: ExperimentConfig) -> DiffusionModel:
 
     The global torch RNG is left untouched (initialisation runs in a forked RNG state).
     """
-    kwargs = dataclasses.asdict(cfg.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "unet-init"))
         try:
-            unet = UNet2DModel(**kwargs)
+            unet = UNet2DModel(**cfg.model.unet_kwargs())
         except (ValueError, TypeError, AssertionError) as exc:
             raise ConfigError(f"model: these UNet2DModel settings are invalid ({exc})") from exc
+    if cfg.model.attention_dropout:
+        set_attention_dropout(unet, cfg.model.attention_dropout)
     try:
         scheduler = DDPMScheduler(**dataclasses.asdict(cfg.scheduler))
     except (ValueError, TypeError, NotImplementedError) as exc:
@@ -170,6 +171,17 @@ def build_model(cfg: ExperimentConfig) -> DiffusionModel:
     _check_prediction_type(scheduler, "scheduler")
     record = {"config": cfg.to_dict(), "seed": cfg.seed, "steps": 0}
     return DiffusionModel(unet=unet, scheduler=scheduler, record=record)
+
+
+def set_attention_dropout(unet: torch.nn.Module, p: float) -> None:
+    """Set the dropout probability of every attention layer's output dropout to ``p``."""
+    from diffusers.models.attention_processor import Attention
+
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            for sub in module.modules():
+                if isinstance(sub, torch.nn.Dropout):
+                    sub.p = p
 
 
 def count_parameters(model: DiffusionModel | torch.nn.Module) -> int:

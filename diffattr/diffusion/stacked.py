@@ -39,7 +39,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from diffattr.attribution.gradients import vmap_friendly_attention
-from diffattr.config import ExperimentConfig
+from diffattr.config import ExperimentConfig, resolve_train_length
 from diffattr.data.dataset import ImageDataset
 from diffattr.diffusion.model import DiffusionModel, build_model, denoising_loss, load_model
 from diffattr.diffusion.trainer import (
@@ -54,6 +54,7 @@ from diffattr.diffusion.trainer import (
     finish_run,
     is_trained,
     learning_rate_at,
+    make_optimizer,
     open_out_dir,
     read_checkpoint,
     remove_partial_checkpoints,
@@ -85,8 +86,8 @@ def why_not_stackable(cfgs: Sequence[ExperimentConfig]) -> str | None:
     if len({stack_key(c) for c in cfgs}) > 1:
         return "the configs differ in more than the seed"
     c = cfgs[0]
-    if c.model.dropout:
-        return f"model.dropout={c.model.dropout} (stacking needs 0)"
+    if c.model.dropout or c.model.attention_dropout:
+        return "model.dropout / attention_dropout > 0 (stacking needs 0)"
     if c.train.mixed_precision not in ("no", "bf16"):
         return f"train.mixed_precision={c.train.mixed_precision!r} (stacking supports no, bf16)"
     return None
@@ -126,13 +127,15 @@ def train_stacked(
     """
     if not jobs:
         return []
-    reason = why_not_stackable([j.cfg for j in jobs])
+    # train.epochs / lr_warmup_fraction made concrete per model (subsets differ in size).
+    resolved = [
+        dataclasses.replace(j, cfg=resolve_train_length(j.cfg, len(j.train_set))) for j in jobs
+    ]
+    reason = why_not_stackable([j.cfg for j in resolved])
     if reason is not None:
         raise ValueError(f"cannot train these {len(jobs)} models together: {reason}")
     device = torch.device(device)
-    cfg0 = jobs[0].cfg
-    tc = cfg0.train
-    acc = _Device(tc.gradient_accumulation_steps)
+    acc = _Device(resolved[0].cfg.train.gradient_accumulation_steps)
     results: dict[int, DiffusionModel] = {}
     todo: list[int] = []
     for i, job in enumerate(jobs):
@@ -143,7 +146,7 @@ def train_stacked(
         else:
             todo.append(i)
     if todo:
-        trained = _train_together([jobs[i] for i in todo], device, progress, stop_after)
+        trained = _train_together([resolved[i] for i in todo], device, progress, stop_after)
         results.update(zip(todo, trained, strict=True))
     return [results[i] for i in range(len(jobs))]
 
@@ -180,9 +183,7 @@ def _train_together(
     unets = [torch.nn.Module.to(m.unet, device).train() for m in built]
     params, buffers = stack_module_state(unets)  # name -> (M, *shape), leaves with grad
     plist = [params[n] for n in names]
-    optimizer = torch.optim.AdamW(
-        plist, lr=learning_rate_at(cfg0, start), weight_decay=tc.weight_decay
-    )
+    optimizer = make_optimizer(cfg0, plist)
     if start:
         optimizer.load_state_dict(_stack_optimizer_states([c.optimizer for c in ckpts if c]))
     ema: dict[str, Tensor] | None = None

@@ -21,6 +21,7 @@ import copy
 import csv
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffattr.config import ConfigError, ExperimentConfig
+from diffattr.config import ConfigError, ExperimentConfig, identity_dict, resolve_train_length
 from diffattr.data.dataset import DataError, ImageDataset
 from diffattr.diffusion.model import (
     MODEL_KIND,
@@ -298,10 +299,30 @@ def _load_checkpoint(
 
 
 def learning_rate_at(cfg: ExperimentConfig, step: int) -> float:
-    """Linear warmup over ``lr_warmup_steps`` optimizer steps, then constant."""
-    warm = cfg.train.lr_warmup_steps
-    scale = 1.0 if warm <= 0 else min(1.0, (step + 1) / warm)
-    return cfg.train.learning_rate * scale
+    """Learning rate of optimizer step ``step`` (0-based).
+
+    Linear warmup over ``lr_warmup_steps`` steps (``lr * (step + 1) / warmup``), then constant, or
+    for ``lr_schedule: cosine`` half a cosine from ``lr`` down to 0 at ``steps``.
+    """
+    t = cfg.train
+    warm = t.lr_warmup_steps
+    if warm > 0 and step < warm:
+        return t.learning_rate * (step + 1) / warm
+    if t.lr_schedule == "cosine":
+        progress = (step - warm) / max(1, t.steps - warm)
+        return t.learning_rate * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return t.learning_rate
+
+
+def make_optimizer(cfg: ExperimentConfig, params: Any) -> torch.optim.AdamW:
+    """The AdamW every trainer here uses (one model or a stack)."""
+    t = cfg.train
+    return torch.optim.AdamW(
+        params,
+        lr=learning_rate_at(cfg, 0),
+        betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.weight_decay,
+    )
 
 
 # Settings that cannot change the trained weights: a run reopened with other values is the same run.
@@ -313,7 +334,7 @@ _NOT_IDENTITY = {
 
 def training_identity(cfg: ExperimentConfig, train_set: ImageDataset) -> dict[str, Any]:
     """What decides a trained model: the config (less sampling/logging settings) and the data."""
-    config = cfg.to_dict()
+    config = identity_dict(cfg)
     config.pop("sample")
     for section, keys in _NOT_IDENTITY.items():
         for key in keys:
@@ -399,6 +420,7 @@ def train_model(
     check_inputs(cfg, train_set, accelerator)
     identity = training_identity(cfg, train_set)
     open_out_dir(out_dir, identity, accelerator)
+    cfg = resolve_train_length(cfg, len(train_set))
     if is_trained(out_dir):
         log.info("%s: already trained with this config and data; loading", out_dir)
         return load_model(out_dir, device=accelerator.device)
@@ -407,9 +429,7 @@ def train_model(
     unet = model.unet.to(accelerator.device)
     unet.train()
     ema = EMA(unet, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=learning_rate_at(cfg, 0), weight_decay=cfg.train.weight_decay
-    )
+    optimizer = make_optimizer(cfg, unet.parameters())
     state = TrainState()
     if accelerator.is_main_process:
         remove_partial_checkpoints(out_dir)

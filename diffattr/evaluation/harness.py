@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffattr.attribution.base import Queries, Scores
+from diffattr.config import identity_dict
 from diffattr.data.dataset import ImageDataset
 from diffattr.evaluation import counterfactual as cf
 from diffattr.evaluation.compare import MethodResult, write_comparison
@@ -429,9 +430,12 @@ def evaluate(
     identity = {
         # Methods may be added to a finished evaluation later; the process count changes nothing.
         "eval_config": {
-            k: v
-            for k, v in cfg.to_dict().items()
-            if k not in ("methods", "workers", "stack_models")
+            **{
+                k: v
+                for k, v in cfg.to_dict().items()
+                if k not in ("methods", "workers", "stack_models")
+            },
+            "experiment": identity_dict(exp),
         },
         "data_hash": train.data_hash(),
         "seed": exp.seed,

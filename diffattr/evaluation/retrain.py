@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffattr.config import ExperimentConfig
+from diffattr.config import ExperimentConfig, resolve_train_length
 from diffattr.data.dataset import ImageDataset
 from diffattr.evaluation.subsets import SubsetMasks
 from diffattr.repro import derive_seed
@@ -189,7 +189,8 @@ def stack_groups(jobs: Sequence[TrainJob], stack: int) -> list[list[TrainJob]]:
             groups.append([job])
             continue
         found = checkpoint_dirs(job.out_dir)
-        key = (stack_key(job.cfg), found[-1][0] if found else 0)
+        length = resolve_train_length(job.cfg, len(job.keep_ids))  # epochs -> steps per subset
+        key = (stack_key(length), found[-1][0] if found else 0)
         group = open_groups.get(key)
         if group is None or len(group) >= stack:
             group = open_groups[key] = []
