@@ -28,7 +28,11 @@ class DataConfig:
     size: int | None = None  # resize to size x size (None: the source's native size)
     classes: list[str] | None = None  # class (or style) names to keep; None: the source's default
     split: str = "train"
-    limit: int | None = None  # keep the first `limit` images (after class filtering), by id
+    limit: int | None = None  # keep `limit` images (after class filtering), chosen by `selection`
+    # "first": the first `limit` by id; "stratified": a class-balanced random draw seeded by
+    # selection_seed (scikit-learn's stratified train_test_split: D-TRAK's CIFAR-2 is seed 42).
+    selection: str = "first"
+    selection_seed: int = 0
 
 
 @dataclass
@@ -173,6 +177,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # Keys added after results were first written. Left out of identities while at their defaults,
 # so folders made before the keys existed (trained models, evaluations) still reopen.
 _ADDED_LATER: dict[str, tuple[str, ...]] = {
+    "data": ("selection", "selection_seed"),
     "model": (
         "norm_eps",
         "resnet_time_scale_shift",
@@ -183,7 +188,7 @@ _ADDED_LATER: dict[str, tuple[str, ...]] = {
     ),
     "train": ("lr_schedule", "epochs", "lr_warmup_fraction", "adam_beta1", "adam_beta2"),
 }
-_SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+_SECTION_TYPES: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
 def identity_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -184,6 +184,28 @@ def test_cifar2_keeps_original_ids_and_limit(cifar_root):
         load_dataset(_cfg(source="cifar2", root=str(cifar_root), classes=["dog"]))
 
 
+def test_stratified_limit_is_sklearns_class_balanced_draw(sk_digits):
+    from sklearn.model_selection import train_test_split
+
+    _, target = sk_digits
+    pool = [i for i in range(len(target)) if target[i] in (0, 1) and i % 5]  # digits-2 train
+    cfg = _cfg(source="digits-2", limit=40, selection="stratified", selection_seed=42)
+    ds = load_dataset(cfg)
+    # D-TRAK's recipe: train_test_split(pool, train_size=N, random_state=42, stratify=labels).
+    want, _ = train_test_split(
+        np.array(pool), train_size=40, random_state=42, stratify=target[pool]
+    )
+    assert ds.ids.tolist() == sorted(want.tolist())
+    counts = np.bincount(ds.labels.numpy())
+    share = np.bincount(target[pool]) / len(pool) * 40
+    assert np.all(np.abs(counts - share) <= 1)  # each class keeps its share
+    assert load_dataset(cfg).ids.tolist() == ds.ids.tolist()  # reproducible
+    other = load_dataset(_cfg(source="digits-2", limit=40, selection="stratified"))
+    assert other.ids.tolist() != ds.ids.tolist()  # the seed matters
+    with pytest.raises(DataError, match="selection"):
+        load_dataset(_cfg(source="digits-2", limit=40, selection="random"))
+
+
 def test_artbench_variants_select_styles(artbench_root):
     labels = _train_labels(4)
     for source, styles in [

@@ -129,3 +129,28 @@ def test_shipped_eval_configs_parse(name):
 
     for method in cfg.methods:
         make_options(method, **cfg.method_options(method))  # every option name is valid
+
+
+def test_stratified_subsets_keep_class_shares():
+    from sklearn.model_selection import train_test_split
+
+    from diffattr.repro import derive_seed
+
+    labels = np.array([0] * 30 + [1] * 10 + [2] * 20)
+    ids = np.arange(100, 160)
+    subs = make_subsets(ids, 6, 0.5, seed=3, labels=labels)
+    assert subs.masks.sum(axis=1).tolist() == [30] * 6
+    for m in range(6):
+        assert np.bincount(labels[subs.masks[m]]).tolist() == [15, 5, 10]
+    want, _ = train_test_split(
+        np.arange(60),
+        train_size=30,
+        random_state=derive_seed(3, "subset", 2) % 2**32,
+        stratify=labels,
+    )
+    assert np.flatnonzero(subs.masks[2]).tolist() == sorted(want.tolist())
+    again = make_subsets(ids, 6, 0.5, seed=3, labels=labels)
+    np.testing.assert_array_equal(again.masks, subs.masks)
+    assert not np.array_equal(make_subsets(ids, 6, 0.5, seed=3).masks, subs.masks)
+    with pytest.raises(SubsetError, match="labels"):
+        make_subsets(ids, 2, 0.5, seed=3, labels=labels[:5])

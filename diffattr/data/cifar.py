@@ -39,7 +39,7 @@ from diffattr.config import DataConfig
 from diffattr.data.dataset import DataError, ImageDataset
 from diffattr.data.images import from_uint8, resize_images
 from diffattr.data.safe_pickle import safe_load
-from diffattr.data.selection import check_split, class_mask, limit_count, select_classes
+from diffattr.data.selection import check_split, class_mask, limit_rows, select_classes
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def load_batches(
     sel = np.flatnonzero(in_class)
     if sel.size == 0:
         raise DataError(f"{folder}: no {split} images of {fmt.group_key}(es) {keep}")
-    sel = sel[: limit_count(sel.size, cfg.limit)]
+    sel = sel[limit_rows(sel.size, cfg.limit, new_labels[sel], cfg.selection, cfg.selection_seed)]
 
     pixels = data[sel].reshape(-1, 3, NATIVE_SIZE, NATIVE_SIZE)
     images = from_uint8(pixels)

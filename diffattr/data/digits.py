@@ -18,7 +18,7 @@ import torch
 from diffattr.config import DataConfig
 from diffattr.data.dataset import DataError, ImageDataset
 from diffattr.data.images import resize_images
-from diffattr.data.selection import check_split, class_mask, limit_count, select_classes
+from diffattr.data.selection import check_split, class_mask, limit_rows, select_classes
 
 DIGIT_NAMES = [str(d) for d in range(10)]
 DIGITS2_CLASSES = ("0", "1")
@@ -55,7 +55,7 @@ def load_digits_dataset(
     sel = np.flatnonzero(in_class & digits_split_mask(ids, split))
     if sel.size == 0:
         raise DataError(f"{source}: no images of classes {keep} in split {split!r}")
-    sel = sel[: limit_count(sel.size, cfg.limit)]
+    sel = sel[limit_rows(sel.size, cfg.limit, new_labels[sel], cfg.selection, cfg.selection_seed)]
 
     # 0..16 -> [-1, 1]; every value is a multiple of 1/8, so this is exact in float32.
     images = torch.from_numpy(pixels[sel] / 8.0 - 1.0).to(torch.float32).unsqueeze(1)

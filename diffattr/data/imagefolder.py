@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -40,7 +41,7 @@ from diffattr.data.images import (
     read_image,
     resize_images,
 )
-from diffattr.data.selection import SPLITS, check_split, limit_count, select_classes
+from diffattr.data.selection import SPLITS, check_split, limit_rows, select_classes
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,13 @@ def load_imagefolder(cfg: DataConfig) -> ImageDataset:
         entries = [e for e in entries if e.class_name in names]
     elif cfg.classes is not None:
         raise DataError(f"data.classes: {folder} has no class folders, so classes must be null")
-    entries = entries[: limit_count(len(entries), cfg.limit)]
+    class_idx = (
+        np.array([names.index(e.class_name) for e in entries if e.class_name is not None])
+        if names is not None
+        else None
+    )
+    rows = limit_rows(len(entries), cfg.limit, class_idx, cfg.selection, cfg.selection_seed)
+    entries = [entries[int(i)] for i in rows]
 
     # A progress bar only for folders big enough to take a few seconds.
     bar = tqdm(entries, desc="read images", unit="img", disable=len(entries) < PROGRESS_MIN)

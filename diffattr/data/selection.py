@@ -1,4 +1,4 @@
-"""Rules shared by every loader: split names, class subsets, ``limit``.
+"""Rules shared by every loader: split names, class subsets, ``limit`` and how it selects.
 
 Class subsets keep the source's own class order (not the order the user listed them in), and the
 returned labels index the kept names, so ``labels`` of CIFAR-2 are 0 = automobile, 1 = horse. Ids are
@@ -64,6 +64,55 @@ def class_mask(
     new_labels = lut[labels]
     mask = new_labels >= 0
     return mask, new_labels
+
+
+SELECTIONS = ("first", "stratified")
+
+
+def stratified_rows(labels: np.ndarray, count: int | float, seed: int) -> np.ndarray:
+    """Sorted row indices of a class-stratified random draw of ``count`` of ``len(labels)`` rows.
+
+    ``count``: a number of rows, or a fraction in (0, 1). This is scikit-learn's
+    ``train_test_split(arange(n), train_size=count, random_state=seed, stratify=labels)``: the
+    draw depends only on the labels, ``count`` and ``seed``, so the same call on data in the same
+    order picks the same rows (D-TRAK draws its CIFAR-2 training set and held-out queries so, with
+    seed 42).
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    if isinstance(count, int) and count >= n:
+        return np.arange(n)
+    try:
+        picked, _ = train_test_split(
+            np.arange(n), train_size=count, random_state=seed, stratify=labels
+        )
+    except ValueError as exc:  # e.g. a class with a single image
+        raise DataError(f"stratified selection of {count} of {n} images failed: {exc}") from exc
+    return np.sort(picked)
+
+
+def limit_rows(
+    n: int,
+    limit: int | None,
+    labels: np.ndarray | None = None,
+    selection: str = "first",
+    seed: int = 0,
+) -> np.ndarray:
+    """Positions (ascending) of the images a ``limit`` keeps out of ``n`` images in id order.
+
+    ``selection``: "first" keeps the first ``limit`` by id; "stratified" draws ``limit`` at random
+    with every class keeping its share (:func:`stratified_rows` on ``labels``, seeded by ``seed``).
+    """
+    if selection not in SELECTIONS:
+        raise DataError(f"data.selection: expected one of {list(SELECTIONS)}, got {selection!r}")
+    count = limit_count(n, limit)
+    if selection == "first" or count == n:
+        return np.arange(count)
+    if labels is None:
+        raise DataError("data.selection: 'stratified' needs class labels; this data has none")
+    return stratified_rows(labels, count, seed)
 
 
 def limit_count(n: int, limit: int | None) -> int:

@@ -39,6 +39,7 @@ class SubsetsConfig:
     alpha: float = 0.5
     seeds_per_subset: int = 1  # models trained per subset (papers: 3); their outputs are averaged
     seed: int = 0
+    stratify: bool = False  # every subset keeps each class's share (D-TRAK); needs labels
 
 
 @dataclass
@@ -51,6 +52,8 @@ class QueriesConfig:
     held_out_split: str = "test"
     sampler: str | None = None  # None: the experiment's sample.sampler
     num_inference_steps: int | None = None  # None: the experiment's sample.num_inference_steps
+    # Held-out draw class-stratified, scikit-learn's split with random_state=seed (D-TRAK: 42).
+    stratify: bool = False
 
 
 @dataclass
@@ -101,9 +104,26 @@ class EvalConfig:
         d.pop("source")
         return d
 
+    def identity(self) -> dict[str, Any]:
+        """What decides an evaluation's results (not methods, processes or stacking).
+
+        Keys added after evaluations were first written are left out while at their defaults,
+        so older result folders still reopen.
+        """
+        from diffattr.config import identity_dict
+
+        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+        d["experiment"] = identity_dict(self.experiment)
+        for section, key in (("subsets", "stratify"), ("queries", "stratify")):
+            if d[section][key] is False:
+                d[section].pop(key)
+        return d
+
     def method_options(self, name: str) -> dict[str, Any]:
         return copy.deepcopy(self.methods.get(name) or {})
 
+
+_NOT_IDENTITY = ("methods", "workers", "stack_models")
 
 _SECTIONS: dict[str, type] = {
     "subsets": SubsetsConfig,

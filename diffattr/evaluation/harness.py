@@ -41,8 +41,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffattr.attribution.base import Queries, Scores
-from diffattr.config import identity_dict
 from diffattr.data.dataset import ImageDataset
+from diffattr.data.selection import stratified_rows
 from diffattr.evaluation import counterfactual as cf
 from diffattr.evaluation.compare import MethodResult, write_comparison
 from diffattr.evaluation.config import EvalConfig, load_eval_config
@@ -168,8 +168,11 @@ def _held_out(cfg: EvalConfig, folder: Path, sync: _Sync) -> Queries | None:
         n = min(q.held_out, len(test))
         if n < q.held_out:
             log.warning("only %d held-out images in split %r", n, q.held_out_split)
-        rng = np.random.default_rng(derive_seed(q.seed, "held-out"))
-        rows = np.sort(rng.choice(len(test), size=n, replace=False))
+        if q.stratify and test.labels is not None:
+            rows = stratified_rows(test.labels.numpy(), n, q.seed)
+        else:
+            rng = np.random.default_rng(derive_seed(q.seed, "held-out"))
+            rows = np.sort(rng.choice(len(test), size=n, replace=False))
         sel = test.select_ids(test.ids[torch.as_tensor(rows)])
         tensors = {"images": sel.images.contiguous(), "ids": sel.ids.contiguous()}
         if sel.labels is not None:
@@ -429,14 +432,7 @@ def evaluate(
     train = load_dataset(exp.data)
     identity = {
         # Methods may be added to a finished evaluation later; the process count changes nothing.
-        "eval_config": {
-            **{
-                k: v
-                for k, v in cfg.to_dict().items()
-                if k not in ("methods", "workers", "stack_models")
-            },
-            "experiment": identity_dict(exp),
-        },
+        "eval_config": cfg.identity(),
         "data_hash": train.data_hash(),
         "seed": exp.seed,
     }
@@ -457,7 +453,7 @@ def evaluate(
     qdir = out / "queries"
     if sync.main:
         open_result_dir(
-            qdir, "eval-queries", {"model_hash": model_hash, "queries": cfg.to_dict()["queries"]}
+            qdir, "eval-queries", {"model_hash": model_hash, "queries": cfg.identity()["queries"]}
         )
     sync.wait_main("queries-open")
     sets: dict[str, Queries] = {}
@@ -469,9 +465,19 @@ def evaluate(
         sets["generated"] = _generated_queries(gen)
 
     sub_cfg = cfg.subsets
+    labels = None
+    if sub_cfg.stratify:
+        if train.labels is None:
+            raise ValueError(f"{config_path}: subsets.stratify needs a labelled training set")
+        labels = train.labels.numpy()
     if sync.main:
         ensure_subsets(
-            out / "subsets", train.ids.numpy(), sub_cfg.num_subsets, sub_cfg.alpha, sub_cfg.seed
+            out / "subsets",
+            train.ids.numpy(),
+            sub_cfg.num_subsets,
+            sub_cfg.alpha,
+            sub_cfg.seed,
+            labels,
         )
     sync.wait_main("subsets")
     subsets = load_subsets(out / "subsets")

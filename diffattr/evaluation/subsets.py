@@ -76,8 +76,18 @@ def subset_size(n: int, alpha: float) -> int:
     return k
 
 
-def make_subsets(train_ids: np.ndarray, num_subsets: int, alpha: float, seed: int) -> SubsetMasks:
-    """``num_subsets`` subsets of exactly ``round(alpha * n)`` images each (seeded, per subset)."""
+def make_subsets(
+    train_ids: np.ndarray,
+    num_subsets: int,
+    alpha: float,
+    seed: int,
+    labels: np.ndarray | None = None,
+) -> SubsetMasks:
+    """``num_subsets`` subsets of exactly ``round(alpha * n)`` images each (seeded, per subset).
+
+    With ``labels`` (aligned with ``train_ids``) every subset is class-stratified, as D-TRAK
+    draws them (scikit-learn's stratified split, seeded per subset).
+    """
     train_ids = np.asarray(train_ids, dtype=np.int64)
     n = int(train_ids.shape[0])
     if n == 0:
@@ -86,9 +96,17 @@ def make_subsets(train_ids: np.ndarray, num_subsets: int, alpha: float, seed: in
         raise SubsetError(f"num_subsets must be >= 1, got {num_subsets}")
     k = subset_size(n, alpha)
     masks = np.zeros((num_subsets, n), dtype=bool)
+    if labels is not None and len(labels) != n:
+        raise SubsetError(f"{len(labels)} labels for {n} training images")
     for m in range(num_subsets):
-        rng = np.random.default_rng(derive_seed(seed, "subset", m))
-        masks[m, rng.permutation(n)[:k]] = True
+        if labels is None:
+            rng = np.random.default_rng(derive_seed(seed, "subset", m))
+            masks[m, rng.permutation(n)[:k]] = True
+        else:
+            from diffattr.data.selection import stratified_rows
+
+            rows = stratified_rows(labels, k, derive_seed(seed, "subset", m) % 2**32)
+            masks[m, rows] = True
     return SubsetMasks(masks=masks, train_ids=train_ids, alpha=alpha, seed=seed)
 
 
@@ -127,10 +145,15 @@ def load_subsets(folder: str | Path) -> SubsetMasks:
 
 
 def ensure_subsets(
-    folder: str | Path, train_ids: np.ndarray, num_subsets: int, alpha: float, seed: int
+    folder: str | Path,
+    train_ids: np.ndarray,
+    num_subsets: int,
+    alpha: float,
+    seed: int,
+    labels: np.ndarray | None = None,
 ) -> SubsetMasks:
     """Load the subsets saved in ``folder``, or make and save them; a saved set must match its seed."""
-    want = make_subsets(train_ids, num_subsets, alpha, seed)
+    want = make_subsets(train_ids, num_subsets, alpha, seed, labels)
     folder = Path(folder)
     if (folder / "subsets.safetensors").exists():
         have = load_subsets(folder)
