@@ -24,7 +24,7 @@ ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "configs" / "eval" / "digits2-smoke.yaml"
 # "nope" is not a method: it must be reported, not crash. journey-trak cannot score held-out
 # queries (no sampling trajectory): reported for that query set only.
-METHODS = ["pixel", "trak", "journey-trak", "nope"]
+METHODS = ["pixel", "trak", "trak-tuned", "journey-trak", "nope"]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,31 @@ def test_lds_matches_brute_force_from_saved_files(run):
                 want.append(scipy.stats.spearmanr(sums, -gt.losses[:, col]).statistic)
             np.testing.assert_allclose(res.lds[qset].per_query, want, atol=1e-6)
             assert res.lds[qset].ci_low <= res.lds[qset].mean <= res.lds[qset].ci_high
+
+
+def test_lambda_grid_keeps_the_best_lds_of_the_sweep(run):
+    gt = GroundTruth.load(run.out / "ground_truth")
+    subsets = load_subsets(run.out / "subsets")
+    tuned = run.method("trak-tuned")
+    assert tuned.ok, tuned.error
+    assert set(tuned.lambda_search) == {"held_out", "generated"}
+    for qset, search in tuned.lambda_search.items():
+        assert list(search["lds"]) == ["0.001", "0.01", "0.1", "1", "10"]
+        assert tuned.lds[qset].mean == max(search["lds"].values())
+        assert search["lds"][f"{search['best']:g}"] == tuned.lds[qset].mean
+        # Brute force for one lambda: Spearman of subset sums against -loss, mean over queries.
+        scores = Scores.load(run.out / "scores" / "trak-tuned" / "lambda" / "0.1" / qset)
+        assert scores.config["lambda"] == 0.1
+        per_q = []
+        for q, name in enumerate(scores.query_names):
+            sums = [scores.values[q, subsets.masks[m]].sum() for m in range(len(subsets))]
+            col = gt.query_names.index(name)
+            per_q.append(scipy.stats.spearmanr(sums, -gt.losses[:, col]).statistic)
+        assert search["lds"]["0.1"] == pytest.approx(np.mean(per_q), abs=1e-6)
+    # Features were shared with `trak` (same options): one store in the method's work folder.
+    assert len(list((run.out / "work" / "trak").iterdir())) == 1
+    assert not (run.out / "work" / "trak-tuned").exists()
+    assert "ridge lambda chosen per query set" in (run.out / "comparison.md").read_text()
 
 
 def test_ground_truth_is_each_subset_models_loss(run):

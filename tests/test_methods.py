@@ -258,6 +258,22 @@ def test_das_matches_its_formula(model, train, queries) -> None:
     close(plain.score(queries).values, kernel(phi, q, 0.02))
 
 
+@pytest.mark.parametrize("name", ["trak", "das"])
+def test_lambda_path_equals_refits_at_each_lambda(model, train, queries, name) -> None:
+    lams = [0.005, 0.05, 2.0]
+    swept = make_attributor(name, model, timesteps=2, **BASE)
+    swept.fit(train)
+    fitted_lambda = swept.config()["lambda"]
+    path = swept.score_lambda_path(queries, lams)
+    for lam, got in zip(lams, path, strict=True):
+        one = make_attributor(name, model, timesteps=2, lam=lam, **BASE)
+        one.fit(train)
+        want = one.score(queries)
+        close(got.values, want.values)
+        assert got.config["lambda"] == lam and got.train_ids.tolist() == train.ids.tolist()
+    assert swept.config()["lambda"] == fitted_lambda  # the fitted kernel is untouched
+
+
 def _fake_trajectories(model: DiffusionModel, n: int, ts: list[int]) -> list[Trajectory]:
     g = torch.Generator().manual_seed(21)
     out = []

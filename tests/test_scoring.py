@@ -14,6 +14,7 @@ from diffattr.attribution.scoring import (
     dot_scores,
     gram,
     trak_scores,
+    trak_scores_lambda_path,
     trak_scores_per_step,
 )
 
@@ -139,3 +140,22 @@ def test_kernel_is_reusable_across_query_batches() -> None:
     parts = torch.cat([k.scores(query[:2]), k.scores(query[2:])])
     np.testing.assert_allclose(parts.numpy(), _closed_form(train, query, 0.4), rtol=1e-4, atol=1e-6)
     assert k.lam == 0.4
+
+
+def test_lambda_path_equals_one_solve_per_lambda() -> None:
+    lams = [1e-2, 0.5, 3.0, 40.0]
+    for n, k in ((40, 12), (6, 20)):  # more rows than features, and fewer (rank-deficient gram)
+        train, query = _feats(n, 5, k, seed=n)
+        path = trak_scores_lambda_path(
+            torch.from_numpy(train), torch.from_numpy(query), lams, block=7
+        )
+        assert len(path) == len(lams)
+        for lam, got in zip(lams, path, strict=True):
+            assert got.dtype == torch.float32 and got.shape == (5, n)
+            np.testing.assert_allclose(
+                got.numpy(), _closed_form(train, query, lam), rtol=1e-4, atol=1e-6
+            )
+    with pytest.raises(ValueError, match="lambda"):
+        trak_scores_lambda_path(torch.from_numpy(train), torch.from_numpy(query), [0.0])
+    with pytest.raises(ValueError, match="no lambda"):
+        trak_scores_lambda_path(torch.from_numpy(train), torch.from_numpy(query), [])

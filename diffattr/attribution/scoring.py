@@ -161,6 +161,40 @@ class TrakKernel:
         return out
 
 
+def trak_scores_lambda_path(
+    train_feats: ArrayLike,
+    query_feats: ArrayLike,
+    lams: list[float],
+    block: int = DEFAULT_BLOCK,
+    device: torch.device | str | None = None,
+) -> list[Tensor]:
+    """TRAK kernel scores for several ridges at the cost of about one.
+
+    With ``Phi^T Phi = V diag(s) V^T``,
+    ``phi_q^T (Phi^T Phi + lam I)^{-1} phi_i = (phi_q V) diag(1 / (s + lam)) (phi_i V)^T``: one
+    eigendecomposition, one projection of queries and training rows onto ``V``, then one product
+    per ``lam``. Returns float32 ``(m, n)`` per ``lam`` (equal to :func:`trak_scores` up to
+    rounding). D-TRAK picks its ridge from such a sweep.
+    """
+    phi = _as_tensor(train_feats, "train_feats", 2)
+    q = _as_tensor(query_feats, "query_feats", 2)
+    _check_pair(phi, q)
+    _check_block(block)
+    if not lams:
+        raise ValueError("lambda path: no lambda values")
+    for lam in lams:
+        if not np.isfinite(lam) or lam <= 0:
+            raise ValueError(f"lambda path: every lambda must be finite and > 0, got {lam!r}")
+    dev = phi.device if device is None else torch.device(device)
+    s, v = torch.linalg.eigh(gram(phi, block, dev))  # (k,), (k, k) float64
+    qv = q.to(dev, torch.float64) @ v  # (m, k)
+    pv = torch.cat(
+        [phi[i : i + block].to(dev, torch.float64) @ v for i in range(0, phi.shape[0], block)]
+    )  # (n, k)
+    s = s.clamp(min=0.0)  # eigh can return tiny negatives for a PSD matrix
+    return [((qv / (s + lam)) @ pv.T).to(phi.device, torch.float32) for lam in lams]
+
+
 def trak_scores(
     train_feats: ArrayLike,
     query_feats: ArrayLike,

@@ -38,6 +38,8 @@ class MethodResult:
     fit_seconds: float | None = None
     score_seconds: float | None = None
     set_errors: dict[str, str] = field(default_factory=dict)  # query set -> why it has no score
+    # query set -> {"best": lambda, "lds": {lambda: mean LDS}} when the ridge was swept
+    lambda_search: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -52,6 +54,7 @@ class MethodResult:
             "fit_seconds": self.fit_seconds,
             "score_seconds": self.score_seconds,
             "set_errors": self.set_errors,
+            "lambda_search": self.lambda_search,
         }
 
 
@@ -121,6 +124,13 @@ def write_table(results: list[MethodResult], folder: Path) -> tuple[Path, Path]:
     for r in results:
         for q, err in r.set_errors.items():
             notes.append(f"{r.method} has no {q} scores: {' '.join(err.split())[:300]}")
+        if r.lambda_search:
+            chosen = ", ".join(f"{q} {v['best']:g}" for q, v in r.lambda_search.items())
+            n = max(len(v["lds"]) for v in r.lambda_search.values())
+            notes.append(
+                f"{r.method}: ridge lambda chosen per query set as the best LDS of {n} values on "
+                f"these same subsets (D-TRAK's protocol; optimistic): {chosen}"
+            )
     md_path, csv_path = folder / "comparison.md", folder / "comparison.csv"
     md_path.write_text("\n".join(md + notes) + "\n")
     with csv_path.open("w", newline="") as f:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,26 @@ def _experiment(values: dict[str, Any], where: str, folder: Path | None) -> Expe
     return config_from_dict(deep_merge(base, over), where=f"{where}.experiment")
 
 
+def lambda_grid(values: Any, where: str) -> list[float] | None:
+    """A method's ``lambda_grid`` option as floats (None when absent); bad values named."""
+    if values is None:
+        return None
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}.lambda_grid: expected a non-empty list of numbers")
+    try:
+        grid = [float(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}.lambda_grid: {values!r} is not a list of numbers") from exc
+    if any(not math.isfinite(v) or v <= 0 for v in grid):
+        raise ConfigError(f"{where}.lambda_grid: values must be finite and > 0, got {grid}")
+    return grid
+
+
 def _validate(cfg: EvalConfig, where: str) -> None:
+    for name, opts in cfg.methods.items():
+        lambda_grid(opts.get("lambda_grid"), f"{where}.methods.{name}")
+        if not isinstance(opts.get("method", name), str):
+            raise ConfigError(f"{where}.methods.{name}.method: expected a method name")
     s = cfg.subsets
     if s.num_subsets < 2:
         raise ConfigError(f"{where}.subsets.num_subsets: need at least 2, got {s.num_subsets}")

@@ -32,6 +32,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,14 @@ from diffattr.data.dataset import ImageDataset
 from diffattr.data.selection import stratified_rows
 from diffattr.evaluation import counterfactual as cf
 from diffattr.evaluation.compare import MethodResult, write_comparison
-from diffattr.evaluation.config import EvalConfig, load_eval_config
+from diffattr.evaluation.config import EvalConfig, lambda_grid, load_eval_config
 from diffattr.evaluation.ground_truth import (
     GroundTruth,
     GroundTruthSpec,
     evenly_spaced_timesteps,
     ground_truth,
 )
-from diffattr.evaluation.lds import lds
+from diffattr.evaluation.lds import LDSResult, lds
 from diffattr.evaluation.retrain import (
     ProcessInfo,
     local_accelerator,
@@ -266,21 +267,28 @@ def _run_method(
     for q in sets:
         (folder / q / "failed.json").unlink(missing_ok=True)
     options = cfg.method_options(name)
+    identity_options = dict(options)
+    # `method`: the registered attributor when the entry's name is a label (variants of one
+    # method); `lambda_grid`: sweep the TRAK ridge and keep the best LDS (see _method_result).
+    method = str(options.pop("method", name))
+    grid = lambda_grid(options.pop("lambda_grid", None), f"methods.{name}")
     try:
         open_result_dir(
             folder,
             "eval-scores",
             {
                 "method": name,
-                "options": options,
+                "options": identity_options,
                 "model_hash": model.model_hash(),
                 "train_hash": train.data_hash(),
                 "queries": {k: v.names for k, v in sets.items()},
             },
         )
         attributor = make_attributor(
-            name, model, work_dir=out / "work" / name, progress=progress, **options
+            method, model, work_dir=out / "work" / method, progress=progress, **options
         )
+        if grid and not hasattr(attributor, "score_lambda_path"):
+            raise ValueError(f"lambda_grid: {method} has no TRAK ridge to sweep")
         t0 = time.perf_counter()
         attributor.fit(train)
         fit_s = time.perf_counter() - t0
@@ -289,6 +297,12 @@ def _run_method(
         for qname, queries in sets.items():
             t0 = time.perf_counter()
             try:
+                if grid:
+                    path = attributor.score_lambda_path(queries, grid)  # type: ignore[attr-defined]
+                    for lam, sc in zip(grid, path, strict=True):
+                        sc.save(folder / LAMBDA_DIR / f"{lam:g}" / qname)
+                    score_s += time.perf_counter() - t0
+                    continue
                 scores = attributor.score(queries)
             except Exception as exc:
                 # e.g. journey-trak needs sampling trajectories, which held-out images lack.
@@ -306,6 +320,25 @@ def _run_method(
     except Exception as exc:
         log.error("method %s failed:\n%s", name, traceback.format_exc())
         write_json_atomic(folder / "failed.json", _failure(exc))
+
+
+LAMBDA_DIR = "lambda"
+
+
+def _best_lambda(
+    folder: Path, q: str, grid: list[float], measure: Callable[[Scores], LDSResult]
+) -> tuple[Scores, LDSResult, dict[str, Any]]:
+    """The grid's scores with the highest mean LDS on query set ``q``, and the whole sweep."""
+    best: tuple[Scores, LDSResult, float] | None = None
+    sweep = {}
+    for lam in grid:
+        s = Scores.load(folder / LAMBDA_DIR / f"{lam:g}" / q)
+        res = measure(s)
+        sweep[f"{lam:g}"] = res.mean
+        if best is None or res.mean > best[1].mean:
+            best = (s, res, lam)
+    assert best is not None
+    return best[0], best[1], {"best": best[2], "lds": sweep}
 
 
 def _failure(exc: BaseException) -> dict[str, str]:
@@ -327,17 +360,16 @@ def _method_result(
         return MethodResult(name, error=err), {}
     try:
         timing = json.loads((folder / "timing.json").read_text())
-        scores = {
-            q: Scores.load(folder / q) for q in sets if not (folder / q / "failed.json").exists()
-        }
+        ok_sets = [q for q in sets if not (folder / q / "failed.json").exists()]
         res = MethodResult(
             name, fit_seconds=timing["fit_seconds"], score_seconds=timing["score_seconds"]
         )
         for q in sets:
-            if q not in scores:
+            if q not in ok_sets:
                 res.set_errors[q] = json.loads((folder / q / "failed.json").read_text())["error"]
-        for q, s in scores.items():
-            res.lds[q] = lds(
+
+        def measure(s: Scores) -> LDSResult:
+            return lds(
                 s,
                 subsets,
                 gt.losses,
@@ -346,6 +378,15 @@ def _method_result(
                 seed=cfg.lds.seed,
                 level=cfg.lds.level,
             )
+
+        grid = lambda_grid(cfg.method_options(name).get("lambda_grid"), f"methods.{name}")
+        scores = {}
+        for q in ok_sets:
+            if grid:
+                scores[q], res.lds[q], res.lambda_search[q] = _best_lambda(folder, q, grid, measure)
+            else:
+                scores[q] = Scores.load(folder / q)
+                res.lds[q] = measure(scores[q])
     except Exception as exc:  # a corrupt or inconsistent score set is a method failure too
         log.error("method %s: could not evaluate its scores:\n%s", name, traceback.format_exc())
         return MethodResult(name, error=f"{type(exc).__name__}: {exc}"), {}

@@ -338,8 +338,8 @@ class FeatureAttributor(GradientAttributor):
         self.info["store"] = None if self.work.temporary else str(folder)
         self.train = train
 
-    def score(self, queries: Queries) -> Scores:
-        train = self.require_fit()
+    def query_features(self, queries: Queries) -> Tensor:
+        """``(m, k)`` query features (timed in ``timing["featurize_queries_s"]``)."""
         args = self.query_args()
         t0 = time.perf_counter()
         q = featurize_images(
@@ -353,6 +353,11 @@ class FeatureAttributor(GradientAttributor):
             progress=self.progress,
         )
         self.timing["featurize_queries_s"] = time.perf_counter() - t0
+        return q
+
+    def score(self, queries: Queries) -> Scores:
+        train = self.require_fit()
+        q = self.query_features(queries)
         t0 = time.perf_counter()
         values = self.kernel_scores(q)
         self.timing["score_s"] = time.perf_counter() - t0

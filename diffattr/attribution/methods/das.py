@@ -120,6 +120,5 @@ class DAS(TrakKernelAttributor):
         else:
             self.residual = torch.ones(len(train), dtype=torch.float64)
 
-    def kernel_scores(self, query_feats: Tensor) -> Tensor:
-        base = self.kernel.scores(query_feats).to(torch.float64)
-        return (base * self.residual[None, :]).to(torch.float32)
+    def weight_scores(self, base: Tensor) -> Tensor:
+        return (base.to(torch.float64) * self.residual[None, :]).to(torch.float32)

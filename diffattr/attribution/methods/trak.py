@@ -9,19 +9,22 @@ A higher score means training on ``z_i`` lowers the query's loss (the package-wi
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor
 
+from diffattr.attribution.base import Queries, Scores
 from diffattr.attribution.featurize import FeaturizeArgs
 from diffattr.attribution.methods.common import (
     FeatureAttributor,
     KernelOptions,
     kernel_device,
     make_featurize_args,
+    make_scores,
 )
-from diffattr.attribution.scoring import TrakKernel
+from diffattr.attribution.scoring import TrakKernel, trak_scores_lambda_path
 from diffattr.data.dataset import ImageDataset
 
 
@@ -55,7 +58,33 @@ class TrakKernelAttributor(FeatureAttributor):
         self.info["timesteps"] = self.train_args().timesteps.timesteps()
 
     def kernel_scores(self, query_feats: Tensor) -> Tensor:
-        return self.kernel.scores(query_feats)
+        return self.weight_scores(self.kernel.scores(query_feats))
+
+    def weight_scores(self, base: Tensor) -> Tensor:
+        """Method-specific reweighting of the kernel scores ``(m, n)`` (none for TRAK)."""
+        return base
+
+    def score_lambda_path(self, queries: Queries, lams: list[float]) -> list[Scores]:
+        """Scores of ``queries`` under each ridge in ``lams`` (query features computed once).
+
+        Each result's config records its ``lambda``; the fitted kernel's own lambda is unchanged.
+        """
+        train = self.require_fit()
+        q = self.query_features(queries)
+        t0 = time.perf_counter()
+        path = trak_scores_lambda_path(
+            self.kernel.phi, q, lams, block=self.kernel.block, device=self.kernel.device
+        )
+        out = []
+        fitted = self.info.get("lambda")
+        try:
+            for lam, base in zip(lams, path, strict=True):
+                self.info["lambda"] = float(lam)
+                out.append(make_scores(self, train, queries, self.weight_scores(base)))
+        finally:
+            self.info["lambda"] = fitted
+        self.timing["score_s"] = time.perf_counter() - t0
+        return out
 
 
 class Trak(TrakKernelAttributor):
