@@ -127,8 +127,9 @@ def test_shipped_eval_configs_parse(name):
     assert cfg.methods
     from diffattr.attribution.registry import make_options
 
-    for method in cfg.methods:
-        make_options(method, **cfg.method_options(method))  # every option name is valid
+    for name in cfg.methods:
+        method, options, _ = cfg.method_spec(name)
+        make_options(method, **options)  # every option name is valid
 
 
 def test_stratified_subsets_keep_class_shares():

@@ -121,7 +121,19 @@ class EvalConfig:
         return d
 
     def method_options(self, name: str) -> dict[str, Any]:
+        """The entry ``methods.<name>`` as written (a copy)."""
         return copy.deepcopy(self.methods.get(name) or {})
+
+    def method_spec(self, name: str) -> tuple[str, dict[str, Any], list[float] | None]:
+        """``(registered method, its options, lambda grid or None)`` of entry ``name``.
+
+        An entry may be a label for a registered method (``method: d-trak``), so one method can
+        be evaluated with several settings; ``lambda_grid`` is the harness's, not the method's.
+        """
+        options = self.method_options(name)
+        method = str(options.pop("method", name))
+        grid = lambda_grid(options.pop("lambda_grid", None), f"methods.{name}")
+        return method, options, grid
 
 
 _NOT_IDENTITY = ("methods", "workers", "stack_models")

@@ -46,7 +46,7 @@ from diffattr.data.dataset import ImageDataset
 from diffattr.data.selection import stratified_rows
 from diffattr.evaluation import counterfactual as cf
 from diffattr.evaluation.compare import MethodResult, write_comparison
-from diffattr.evaluation.config import EvalConfig, lambda_grid, load_eval_config
+from diffattr.evaluation.config import EvalConfig, load_eval_config
 from diffattr.evaluation.ground_truth import (
     GroundTruth,
     GroundTruthSpec,
@@ -266,12 +266,9 @@ def _run_method(
     (folder / "failed.json").unlink(missing_ok=True)
     for q in sets:
         (folder / q / "failed.json").unlink(missing_ok=True)
-    options = cfg.method_options(name)
-    identity_options = dict(options)
-    # `method`: the registered attributor when the entry's name is a label (variants of one
-    # method); `lambda_grid`: sweep the TRAK ridge and keep the best LDS (see _method_result).
-    method = str(options.pop("method", name))
-    grid = lambda_grid(options.pop("lambda_grid", None), f"methods.{name}")
+    identity_options = cfg.method_options(name)
+    # `lambda_grid`: sweep the TRAK ridge and keep the best LDS (see _method_result).
+    method, options, grid = cfg.method_spec(name)
     try:
         open_result_dir(
             folder,
@@ -379,7 +376,7 @@ def _method_result(
                 level=cfg.lds.level,
             )
 
-        grid = lambda_grid(cfg.method_options(name).get("lambda_grid"), f"methods.{name}")
+        grid = cfg.method_spec(name)[2]
         scores = {}
         for q in ok_sets:
             if grid:
