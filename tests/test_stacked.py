@@ -93,6 +93,23 @@ def test_stacked_models_equal_models_trained_one_by_one(data, tmp_path):
     assert max_diff(free[0].unet, stacked[0].unet) > 1e-4
 
 
+def test_class_conditional_models_stack(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(16, 1, 8, 8, generator=g) * 2 - 1
+    labelled = ImageDataset("lab", images, torch.arange(16), labels=torch.arange(16) % 2)
+    cond = {"num_class_embeds": 2}
+    jobs = [
+        StackJob(cfg(s, model=cond, lr_schedule="cosine"), labelled, tmp_path / f"s{s}")
+        for s in range(2)
+    ]
+    stacked = train_stacked(jobs, progress=False)
+    for s, job in enumerate(jobs):
+        alone = train_model(
+            job.cfg, labelled, tmp_path / f"a{s}", accelerator=LocalAccelerator("no", 2)
+        )
+        assert max_diff(stacked[s].unet, alone.unet) < 2e-4  # labels reach each model's batch
+
+
 def test_killed_stack_resumes_exactly_and_one_by_one(data, tmp_path):
     subs = subsets(data)[:2]
 
