@@ -38,19 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffattr.testing import TINY_UNET
+
 ROOT = Path(__file__).resolve().parents[1]
 
 UNETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "sample_size": 8,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": (8, 16),
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-        "layers_per_block": 1,
-        "norm_num_groups": 4,
-    },
+    "tiny": TINY_UNET,
     "digits-2": {
         "sample_size": 16,
         "in_channels": 1,
@@ -286,11 +279,43 @@ def _run_dattri(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0, "peak_mib": mem.stop(), "k": spec["k"]}
 
 
+def _run_store(spec: dict[str, Any]) -> dict[str, Any]:
+    """The real store-writing path (``featurize``: shards, manifest) on ``n`` images."""
+    import tempfile
+
+    import torch
+
+    from diffattr.attribution.featurize import FeaturizeArgs, featurize
+    from diffattr.attribution.projectors import ProjectorConfig
+    from diffattr.attribution.timesteps import TimestepPolicy
+    from diffattr.data.dataset import ImageDataset
+
+    model, x0, _ = _build(spec)
+    data = ImageDataset("bench", x0.cpu(), torch.arange(x0.shape[0]))
+    args = FeaturizeArgs(
+        timesteps=TimestepPolicy(kind="uniform", count=spec["steps"]),
+        projector=ProjectorConfig(kind=spec["kind"], dim=spec["k"]),
+        batch_size=spec["batch_size"],
+        shard_size=spec.get("shard_size", 64),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        mem = _Mem(spec["device"])
+        mem.start()
+        t0 = time.perf_counter()
+        featurize(model, data, Path(tmp) / "store", args, progress=False)
+        _sync(spec["device"])
+        seconds = time.perf_counter() - t0
+        peak = mem.stop()
+        disk = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+    return {"seconds": seconds, "peak_mib": peak, "disk_mib": disk / 2**20}
+
+
 RUNNERS = {
     "train": _run_train,
     "diffattr": _run_diffattr,
     "traker": _run_traker,
     "dattri": _run_dattri,
+    "store": _run_store,
 }
 
 
@@ -345,6 +370,13 @@ def main() -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--baseline-python", default=None, help="python of a venv with traker/dattri")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per row")
+    ap.add_argument(
+        "--memory",
+        default=None,
+        metavar="N1,N2,...",
+        help="instead: peak memory of writing a feature store of N1, N2, ... images (digits-2 "
+        "model, Kronecker, first of --dims), to show it does not grow with the training set",
+    )
     ap.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.run_one:
@@ -354,6 +386,8 @@ def main() -> int:
     import torch
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.memory:
+        return memory_table(a, device)
     models = ["tiny"] if a.quick else a.models.split(",")
     dims = [64, 128] if a.quick else [int(d) for d in a.dims.split(",")]
     n, steps = (4, 2) if a.quick else (a.n, a.steps)
@@ -408,6 +442,30 @@ def main() -> int:
         "img/s: training images featurized per second (all timesteps); x train f+b: seconds per "
         "(image, timestep) over seconds per image of one plain training forward+backward."
     )
+    return 0
+
+
+def memory_table(a: argparse.Namespace, device: str) -> int:
+    """Peak memory of ``featurize`` into a store against the number of training images."""
+    model = "tiny" if a.quick else a.models.split(",")[0]
+    k = 64 if a.quick else int(a.dims.split(",")[0])
+    print(f"device {device}; model {model}; Kronecker k={k}; {a.steps} timesteps; shards of 64")
+    head = f"{'images':>7} {'seconds':>9} {'peak MiB':>9} {'store MiB':>10}"
+    print(head)
+    print("-" * len(head))
+    for n in (int(v) for v in a.memory.split(",")):
+        spec = {"model": model, "n": n, "steps": a.steps, "batch_size": a.batch_size}
+        r = _child(
+            sys.executable,
+            {**spec, "device": device, "impl": "store", "kind": "kronecker", "k": k},
+            a.timeout,
+        )
+        if "error" in r:
+            print(f"{n:>7} not available: {r['error']}")
+            continue
+        print(f"{n:>7} {r['seconds']:9.1f} {r['peak_mib']:9.1f} {r['disk_mib']:10.2f}")
+        sys.stdout.flush()
+    print("peak MiB: growth of peak memory while featurizing; store MiB: the store on disk.")
     return 0
 
 

@@ -9,7 +9,7 @@ implied full-ensemble throughput in models per hour (the config's full ``train.s
     .venv/bin/python scripts/bench_retrain.py                      # digits-2 eval model, CPU
     .venv/bin/python scripts/bench_retrain.py --models cifar2 --stacks 2,4 --device cuda
 
-Models: ``digits2-eval`` (configs/eval/digits2.yaml's experiment: 651k params, 8x8, batch 64),
+Models: ``tiny`` (the test UNet, for a smoke run), ``digits2-eval`` (configs/eval/digits2.yaml's experiment: 651k params, 8x8, batch 64),
 ``digits2`` (configs/digits2.yaml: 1.1M params, 16x16 with attention) and ``cifar2``
 (configs/cifar2.yaml: 35.7M params, 32x32, batch 128; random images of that shape, so no data set
 is needed). The first ``--warmup`` steps of every run are excluded from the timing.
@@ -28,16 +28,20 @@ from pathlib import Path
 
 import torch
 
-from diffattr.config import ExperimentConfig, load_config
+from diffattr.config import ExperimentConfig, config_from_dict, load_config
 from diffattr.data.dataset import ImageDataset
-from diffattr.diffusion.stacked import StackJob, train_stacked
+from diffattr.diffusion.stacked import StackJob, train_stacked, why_not_stackable
 from diffattr.diffusion.trainer import train_model
 from diffattr.evaluation.config import load_eval_config
 from diffattr.evaluation.retrain import LocalAccelerator
+from diffattr.testing import TINY_UNET
 
 ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = {
+    "tiny": lambda: config_from_dict(
+        {"model": {**TINY_UNET, "attention_head_dim": 8}, "train": {"batch_size": 8}}
+    ),
     "digits2-eval": lambda: load_eval_config(ROOT / "configs/eval/digits2.yaml").experiment,
     "digits2": lambda: load_config(ROOT / "configs/digits2.yaml"),
     "cifar2": lambda: load_config(ROOT / "configs/cifar2.yaml"),
@@ -53,7 +57,14 @@ def _data(cfg: ExperimentConfig, n: int) -> ImageDataset:
 
 
 def _timed_cfg(cfg: ExperimentConfig, steps: int, seed: int) -> ExperimentConfig:
-    train = dataclasses.replace(cfg.train, steps=steps, checkpoint_every=0, log_every=0)
+    train = dataclasses.replace(
+        cfg.train,
+        steps=steps,
+        epochs=None,  # a fixed, short run whatever the config's length rule
+        lr_warmup_fraction=None,
+        checkpoint_every=0,
+        log_every=0,
+    )
     return dataclasses.replace(cfg, seed=seed, train=train)
 
 
@@ -120,7 +131,11 @@ def main() -> int:
         cfg = MODELS[name]()
         data = _data(cfg, a.n)
         base = None
+        reason = why_not_stackable([cfg])
         for stack in [0, *[int(s) for s in a.stacks.split(",")]]:
+            if stack and reason:
+                print(f"{name:13} {'stack x' + str(stack):14} cannot stack: {reason}")
+                continue
             try:
                 s = seconds_per_step(cfg, data, stack, a)
             except torch.OutOfMemoryError:
@@ -134,7 +149,10 @@ def main() -> int:
                 f"{3600 / (per_model * cfg.train.steps):9.1f}"
             )
             sys.stdout.flush()
-    print("models/h: models of the config's full train.steps finished per hour by one process.")
+    print(
+        "models/h: models of the config's train.steps (the full model's length; subset models "
+        "of an `epochs` config are shorter) finished per hour by one process."
+    )
     return 0
 
 
