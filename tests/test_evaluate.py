@@ -11,10 +11,12 @@ import pytest
 import scipy.stats
 import torch
 
-from diffattr.attribution.base import Scores
+from diffattr.attribution.base import Queries, Scores
 from diffattr.cli import main as cli_main
+from diffattr.data import load_dataset
 from diffattr.diffusion.model import load_model
 from diffattr.diffusion.sampling import SampleResult, sample
+from diffattr.evaluation.config import load_eval_config
 from diffattr.evaluation.ground_truth import GroundTruth, GroundTruthSpec, query_losses
 from diffattr.evaluation.harness import evaluate
 from diffattr.evaluation.subsets import load_subsets
@@ -24,7 +26,7 @@ ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "configs" / "eval" / "digits2-smoke.yaml"
 # "nope" is not a method: it must be reported, not crash. journey-trak cannot score held-out
 # queries (no sampling trajectory): reported for that query set only.
-METHODS = ["pixel", "trak", "trak-tuned", "journey-trak", "nope"]
+METHODS = ["pixel", "trak", "trak-tuned", "tracin", "journey-trak", "nope"]
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,34 @@ def test_lambda_grid_keeps_the_best_lds_of_the_sweep(run):
     assert len(list((run.out / "work" / "trak").iterdir())) == 1
     assert not (run.out / "work" / "trak-tuned").exists()
     assert "ridge lambda chosen per query set" in (run.out / "comparison.md").read_text()
+
+
+def test_tracin_uses_the_full_models_training_checkpoints(run):
+    from diffattr.attribution.registry import make_attributor
+    from diffattr.diffusion.trainer import learning_rate_at
+
+    ckpts = sorted((run.out / "full_model" / "checkpoints").glob("step-*"))
+    assert [c.name for c in ckpts] == ["step-000010", "step-000020", "step-000030"]
+    saved = Scores.load(run.out / "scores" / "tracin" / "held_out")
+    cfg = load_eval_config(SMOKE)
+    lrs = [learning_rate_at(cfg.experiment, s - 1) for s in (10, 20, 30)]
+    assert saved.config["learning_rates"] == pytest.approx(lrs)
+    # Recomputed: sum over the three checkpoints of lr_c * <g_q, g_i> under checkpoint c.
+    full = load_model(run.out / "full_model")
+    direct = 0
+    for ckpt, lr in zip(ckpts, lrs, strict=True):
+        one = make_attributor("grad-dot", load_model(ckpt), timesteps=4, proj_dim=64, batch_size=16)
+        one.fit(load_dataset(cfg.experiment.data))
+        held = Queries(images=_held_images(run), names=saved.query_names)
+        direct = direct + lr * one.score(held).values
+    np.testing.assert_allclose(saved.values, direct, rtol=1e-4, atol=1e-7)
+    assert full.model_hash() == run.model_hash
+
+
+def _held_images(run) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(run.out / "queries" / "held_out.safetensors"))["images"]
 
 
 def test_ground_truth_is_each_subset_models_loss(run):

@@ -151,9 +151,49 @@ def _full_model(
     folder = out / "full_model"
     if sync.main and not is_trained(folder):
         exp = cfg.experiment
-        train_model(exp, train, folder, accelerator=local_accelerator(exp), progress=progress)
+        train_model(
+            exp,
+            train,
+            folder,
+            accelerator=local_accelerator(exp),
+            progress=progress,
+            keep_checkpoints=_wants_training_checkpoints(cfg),
+        )
     sync.wait_main("full_model")
     return load_model(folder, device=_device())
+
+
+TRAINING_CHECKPOINTS = "training"
+
+
+def _wants_training_checkpoints(cfg: EvalConfig) -> bool:
+    """Does a method ask for the full model's training checkpoints (``checkpoints: training``)?"""
+    return any(
+        cfg.method_spec(name)[1].get("checkpoints") == TRAINING_CHECKPOINTS for name in cfg.methods
+    )
+
+
+def _training_checkpoints(
+    options: dict[str, Any], cfg: EvalConfig, train: ImageDataset, out: Path
+) -> dict[str, Any]:
+    """``checkpoints: training`` -> the full model's saved checkpoints, oldest first, each with
+    the learning rate of the optimizer step that produced it (TracIn's ``lr_c``)."""
+    from diffattr.config import resolve_train_length
+    from diffattr.diffusion.trainer import checkpoint_dirs, learning_rate_at
+
+    if options.get("checkpoints") != TRAINING_CHECKPOINTS:
+        return options
+    found = checkpoint_dirs(out / "full_model")
+    if not found:
+        raise ValueError(
+            f"checkpoints: training: {out / 'full_model'} kept no training checkpoints (it was "
+            "trained before a method asked for them); delete that folder to retrain it"
+        )
+    exp = resolve_train_length(cfg.experiment, len(train))
+    options = dict(options)
+    options["checkpoints"] = [str(path) for _, path in found]
+    options.setdefault("learning_rates", [learning_rate_at(exp, step - 1) for step, _ in found])
+    return options
 
 
 def _held_out(cfg: EvalConfig, folder: Path, sync: _Sync) -> Queries | None:
@@ -281,6 +321,7 @@ def _run_method(
                 "queries": {k: v.names for k, v in sets.items()},
             },
         )
+        options = _training_checkpoints(options, cfg, train, out)
         attributor = make_attributor(
             method, model, work_dir=out / "work" / method, progress=progress, **options
         )

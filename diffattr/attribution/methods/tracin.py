@@ -52,7 +52,8 @@ from diffattr.repro import to_jsonable
 
 @dataclass
 class TracInOptions(GradientOptions):
-    """``checkpoints``: model folders (``diffattr.diffusion.model.load_model``), oldest first;
+    """``checkpoints``: model folders (``diffattr.diffusion.model.load_model``), oldest first
+    (in an evaluation config, ``training`` means the full model's training checkpoints);
     None uses the given model alone. ``learning_rates``: one per checkpoint (default 1.0 each)."""
 
     checkpoints: list[str] | None = None
