@@ -243,14 +243,6 @@ train_model(cfg, data, sys.argv[1], accelerator=Accelerator(cpu=True), progress=
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_process_data_parallel_run_matches_single_process(tmp_path):
     """torchrun with 2 CPU processes: each takes half of every batch; DDP averages gradients."""
     import os
@@ -265,8 +257,10 @@ def test_two_process_data_parallel_run_matches_single_process(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(cfg=cfg.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)]
-    subprocess.run([*cmd, str(tmp_path / "ddp")], check=True, env=env, timeout=180)
+    # --standalone: torchrun picks its own free port (no race with a port chosen here).
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     g = torch.Generator().manual_seed(0)
     data = ImageDataset("rand", torch.rand((24, 1, 8, 8), generator=g) * 2 - 1, torch.arange(24))
     single = train_model(cfg, data, tmp_path / "one", progress=False)
