@@ -7,9 +7,10 @@ peak memory growth during featurization (CUDA: ``torch.cuda.max_memory_allocated
 the process's peak RSS, ``resource.getrusage``; every row runs in a fresh subprocess so peaks do not
 leak between rows).
 
-Models: ``digits-2`` (configs/digits2.yaml: 1x16x16, channels 32/64/64, 1.1M parameters) and
-``cifar-2`` (configs/cifar2.yaml: 3x32x32, channels 128/256/256/256, 2 layers per block,
-attention at 16x16, 35.7M parameters); ``--quick`` uses a tiny 8x8 UNet and small ``k``.
+Models: the UNets of ``digits-2`` (configs/digits2.yaml: 1x16x16, channels 32/64/64, 1.1M
+parameters) and ``cifar-2`` (configs/cifar2.yaml: D-TRAK's 3x32x32 UNet, channels
+128/256/256/256, 2 layers per block, attention at 16x16, 38.3M parameters); ``--quick`` uses the
+tiny 8x8 test UNet and small ``k``.
 
 Baselines: ``traker`` (PyPI "traker": its FunctionalGradientComputer + BasicProjector, or
 CudaProjector when fast_jl is available) and ``dattri`` (vmap per-sample gradients +
@@ -42,30 +43,16 @@ from diffattr.testing import TINY_UNET
 
 ROOT = Path(__file__).resolve().parents[1]
 
-UNETS: dict[str, dict[str, Any]] = {
-    "tiny": TINY_UNET,
-    "digits-2": {
-        "sample_size": 16,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": (32, 64, 64),
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-        "attention_head_dim": 8,
-    },
-    "cifar-2": {
-        "sample_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": (128, 256, 256, 256),
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        "layers_per_block": 2,
-        "norm_num_groups": 32,
-    },
-}
+# The UNet of each model name: the tiny test network, or the model section of a shipped config.
+CONFIGS = {"digits-2": "configs/digits2.yaml", "cifar-2": "configs/cifar2.yaml"}
+
+
+def unet_kwargs(name: str) -> dict[str, Any]:
+    if name == "tiny":
+        return dict(TINY_UNET)
+    from diffattr.config import load_config
+
+    return load_config(ROOT / CONFIGS[name]).model.unet_kwargs()
 
 
 # ------------------------------------------------------------------------- one measurement (child)
@@ -78,7 +65,7 @@ def _build(spec: dict[str, Any]):
     from diffattr.diffusion.model import DiffusionModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(**UNETS[spec["model"]]).to(spec["device"])
+    unet = UNet2DModel(**unet_kwargs(spec["model"])).to(spec["device"])
     model = DiffusionModel(unet=unet, scheduler=DDPMScheduler())
     c, h, w = model.image_shape
     g = torch.Generator().manual_seed(1)
