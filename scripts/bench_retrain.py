@@ -146,7 +146,7 @@ def main() -> int:
             label = "one by one" if stack == 0 else f"stack x{stack}"
             print(
                 f"{name:13} {label:14} {s:8.4f} {1 / per_model:13.2f} {base / per_model:8.2f} "
-                f"{3600 / (per_model * cfg.train.steps):9.1f}"
+                f"{3600 / (per_model * cfg.train.steps):9.3g}"
             )
             sys.stdout.flush()
     print(
