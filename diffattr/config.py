@@ -191,15 +191,22 @@ _ADDED_LATER: dict[str, tuple[str, ...]] = {
 _SECTION_TYPES: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
-def identity_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    """``cfg.to_dict()`` for result identities: later-added keys left out while at their defaults."""
-    d = cfg.to_dict()
-    for section, keys in _ADDED_LATER.items():
-        defaults = _SECTION_TYPES[section]()
+def drop_later_defaults(
+    d: dict[str, Any], added_later: dict[str, tuple[str, ...]], types: dict[str, type]
+) -> dict[str, Any]:
+    """Remove from each ``d[section]`` the ``added_later`` keys whose value is the default of
+    that section's dataclass (``types[section]``); returns ``d``, changed in place."""
+    for section, keys in added_later.items():
+        defaults = types[section]()
         for key in keys:
             if d[section][key] == getattr(defaults, key):
                 d[section].pop(key)
     return d
+
+
+def identity_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``cfg.to_dict()`` for result identities: later-added keys left out while at their defaults."""
+    return drop_later_defaults(cfg.to_dict(), _ADDED_LATER, _SECTION_TYPES)
 
 
 def _check_train(t: TrainConfig, where: str) -> None:

@@ -111,14 +111,11 @@ class EvalConfig:
         Keys added after evaluations were first written are left out while at their defaults,
         so older result folders still reopen.
         """
-        from diffattr.config import identity_dict
+        from diffattr.config import drop_later_defaults, identity_dict
 
         d = {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
         d["experiment"] = identity_dict(self.experiment)
-        for section, key in (("subsets", "stratify"), ("queries", "stratify")):
-            if d[section][key] is False:
-                d[section].pop(key)
-        return d
+        return drop_later_defaults(d, _ADDED_LATER, _SECTIONS)
 
     def method_options(self, name: str) -> dict[str, Any]:
         """The entry ``methods.<name>`` as written (a copy)."""
@@ -137,6 +134,8 @@ class EvalConfig:
 
 
 _NOT_IDENTITY = ("methods", "workers", "stack_models")
+# Keys added after evaluations were first written (see EvalConfig.identity).
+_ADDED_LATER: dict[str, tuple[str, ...]] = {"subsets": ("stratify",), "queries": ("stratify",)}
 
 _SECTIONS: dict[str, type] = {
     "subsets": SubsetsConfig,
@@ -249,8 +248,6 @@ def _validate(cfg: EvalConfig, where: str) -> None:
             )
     if not 0.0 < cfg.lds.level < 1.0 or cfg.lds.bootstrap < 1:
         raise ConfigError(f"{where}.lds: level in (0, 1) and bootstrap >= 1 required")
-    if cfg.workers < 1:
-        raise ConfigError(f"{where}.workers: must be >= 1")
 
 
 def eval_config_from_dict(
