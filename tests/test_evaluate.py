@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+import yaml
 
 from diffattr.attribution.base import Queries, Scores
 from diffattr.cli import main as cli_main
@@ -23,21 +24,32 @@ from diffattr.evaluation.subsets import load_subsets
 from diffattr.repro import read_record
 
 ROOT = Path(__file__).parents[1]
-SMOKE = ROOT / "configs" / "eval" / "digits2-smoke.yaml"
-# "nope" is not a method: it must be reported, not crash. journey-trak cannot score held-out
-# queries (no sampling trajectory): reported for that query set only.
-METHODS = ["pixel", "trak", "trak-tuned", "tracin", "journey-trak", "nope"]
+# "broken" passes the up-front option check but fails when fitted (a timestep the 1000-step model
+# does not have): it must be reported, not crash. journey-trak cannot score held-out queries (no
+# sampling trajectory): reported for that query set only. (Unknown names are refused before any
+# work: tests/test_cli_e2e.py.)
+METHODS = ["pixel", "trak", "trak-tuned", "tracin", "journey-trak", "broken"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def smoke(tmp_path_factory) -> Path:
+    """The shipped smoke config plus the "broken" entry."""
+    cfg = yaml.safe_load((ROOT / "configs" / "eval" / "digits2-smoke.yaml").read_text())
+    cfg["methods"]["broken"] = {"method": "trak", "timestep_values": [5000], "proj_dim": 64}
+    path = tmp_path_factory.mktemp("config") / "smoke.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, smoke):
     out = tmp_path_factory.mktemp("eval") / "one"
     # One torch thread, as each torchrun worker has: CPU kernels round differently with more
     # threads, and the two-process test compares ground truth bit for bit.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return evaluate(SMOKE, METHODS, out, progress=False)
+        return evaluate(smoke, METHODS, out, progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -47,16 +59,16 @@ def test_outputs_and_failed_method_reported(run):
     for name in ("comparison.md", "comparison.csv", "comparison.png", "results.json"):
         assert (out / name).stat().st_size > 0
     rows = {r[0]: r for r in csv.reader((out / "comparison.csv").open())}
-    assert rows["nope"][1].startswith("failed: ") and "unknown" in rows["nope"][1]
+    assert rows["broken"][1].startswith("failed: ") and "[0, 1000)" in rows["broken"][1]
     assert "random (control)" in rows
-    assert run.method("nope").error is not None
+    assert run.method("broken").error is not None
     journey = run.method("journey-trak")
     assert journey.ok and set(journey.lds) == {"generated"}
     assert "trajector" in journey.set_errors["held_out"]
     assert rows["journey-trak"][1].startswith("n/a: ValueError")
     assert (
         "Traceback"
-        in json.loads((out / "scores" / "nope" / "failed.json").read_text())["traceback"]
+        in json.loads((out / "scores" / "broken" / "failed.json").read_text())["traceback"]
     )
     assert read_record(out)["model_hash"] == run.model_hash
     assert run.ground_truth.losses.shape == (4, 8)
@@ -105,14 +117,14 @@ def test_lambda_grid_keeps_the_best_lds_of_the_sweep(run):
     assert "ridge lambda chosen per query set" in (run.out / "comparison.md").read_text()
 
 
-def test_tracin_uses_the_full_models_training_checkpoints(run):
+def test_tracin_uses_the_full_models_training_checkpoints(run, smoke):
     from diffattr.attribution.registry import make_attributor
     from diffattr.diffusion.trainer import learning_rate_at
 
     ckpts = sorted((run.out / "full_model" / "checkpoints").glob("step-*"))
     assert [c.name for c in ckpts] == ["step-000010", "step-000020", "step-000030"]
     saved = Scores.load(run.out / "scores" / "tracin" / "held_out")
-    cfg = load_eval_config(SMOKE)
+    cfg = load_eval_config(smoke)
     lrs = [learning_rate_at(cfg.experiment, s - 1) for s in (10, 20, 30)]
     assert saved.config["learning_rates"] == pytest.approx(lrs)
     # Recomputed: sum over the three checkpoints of lr_c * <g_q, g_i> under checkpoint c.
@@ -179,22 +191,30 @@ def test_counterfactual_removes_topk_and_reuses_the_noise(run):
             assert removed == top
         assert rec["l2"] >= 0 and rec["feature"] >= -1e-6
     assert set(cf["summary"]) == {"pixel", "trak", "random (control)"}
+    # every cell: a bootstrap CI over the queries and the paired difference to random removal
+    for frac, cell in cf["summary"]["trak"].items():
+        ctrl = cf["summary"]["random (control)"][frac]
+        assert cell["l2_ci"][0] <= cell["l2"] <= cell["l2_ci"][1]
+        assert cell["l2_vs_random"] == pytest.approx(cell["l2"] - ctrl["l2"])
+    rows = {r[0]: r for r in csv.reader((out / "comparison.csv").open())}
+    assert "cf L2 - random @10%" in next(csv.reader((out / "comparison.csv").open()))
+    assert rows["trak"][0] == "trak"
 
 
-def test_rerun_resumes_without_retraining(run):
+def test_rerun_resumes_without_retraining(run, smoke):
     weights = sorted((run.out / "models").glob("*/unet/diffusion_pytorch_model.safetensors"))
     weights += sorted((run.out / "counterfactual" / "models").glob("*/unet/*.safetensors"))
     before = [w.stat().st_mtime_ns for w in weights]
-    again = evaluate(SMOKE, METHODS, run.out, progress=False)
+    again = evaluate(smoke, METHODS, run.out, progress=False)
     assert [w.stat().st_mtime_ns for w in weights] == before
     np.testing.assert_array_equal(again.ground_truth.losses, run.ground_truth.losses)
     assert again.method("trak").lds["held_out"].mean == run.method("trak").lds["held_out"].mean
 
 
-def test_two_processes_give_the_same_ground_truth(run, tmp_path, capfd):
+def test_two_processes_give_the_same_ground_truth(run, smoke, tmp_path, capfd):
     # The user's command: `diffattr evaluate --workers 2` -> launch() -> torchrun -> 2 workers.
     out = tmp_path / "two"
-    args = ["-q", "evaluate", "--config", str(SMOKE), "--out", str(out), "--workers", "2"]
+    args = ["-q", "evaluate", "--config", str(smoke), "--out", str(out), "--workers", "2"]
     assert cli_main([*args, "--methods", ",".join(METHODS)]) == 0
     printed = capfd.readouterr()
     assert "process 1/2" in printed.err  # the ensemble really was shared
@@ -206,3 +226,33 @@ def test_two_processes_give_the_same_ground_truth(run, tmp_path, capfd):
     two = list(csv.reader((out / "comparison.csv").open()))
     # Same numbers everywhere except the timing columns.
     assert [r[:-2] for r in one] == [r[:-2] for r in two]
+
+
+def test_comparison_reads_each_lds_against_the_seed_noise_ceiling(tmp_path):
+    from diffattr.evaluation.compare import MethodResult, write_comparison
+    from diffattr.evaluation.harness import _ceilings
+    from diffattr.evaluation.lds import LDSResult
+
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(30, 1, 4))
+    per_seed = f + 0.5 * rng.normal(size=(30, 2, 4))
+    names = ["held_out:1", "held_out:2", "generated:0000", "generated:0001"]
+    gt = GroundTruth(per_seed.mean(1), per_seed, names, GroundTruthSpec(timesteps=[0]))
+    sets = {
+        "held_out": Queries(torch.zeros(2, 1, 8, 8), names[:2]),
+        "generated": Queries(torch.zeros(2, 1, 8, 8), names[2:]),
+    }
+    cfg = load_eval_config(ROOT / "configs" / "eval" / "digits2-smoke.yaml")
+    ceilings = _ceilings(gt, sets, cfg)
+    assert set(ceilings) == {"held_out", "generated"}
+    want = np.mean([scipy.stats.spearmanr(per_seed[:, 0, q], per_seed[:, 1, q])[0] for q in (0, 1)])
+    assert ceilings["held_out"].mean == pytest.approx(want)
+    lds_res = LDSResult(np.array([0.2, 0.4]), names[:2], 0.3, 0.2, 0.4, 30, 0)
+    result = MethodResult("m", lds={"held_out": lds_res})
+    md, _ = write_comparison([result], tmp_path, ceilings)["markdown"], None
+    rows = {r[0]: r for r in csv.reader((tmp_path / "comparison.csv").open())}
+    c = ceilings["held_out"].ceiling
+    assert rows["m"][3] == f"{100 * 0.3 / c:.0f}%"
+    assert rows["seed-noise ceiling"][1] == f"{c:.3f}"
+    assert rows["retrained seed vs seed (r)"][1] == f"{want:.3f}"
+    assert "Seed-noise ceiling (held_out)" in md.read_text()

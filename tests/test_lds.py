@@ -7,15 +7,9 @@ import pytest
 import scipy.stats
 
 from diffattr.attribution.base import Scores
-from diffattr.evaluation.lds import (
-    bootstrap_ci,
-    lds,
-    rankdata,
-    spearman,
-    spearman_columns,
-    subset_score_sums,
-)
+from diffattr.evaluation.lds import lds, subset_score_sums
 from diffattr.evaluation.subsets import make_subsets
+from diffattr.stats import bootstrap_ci, rankdata, spearman, spearman_columns
 
 
 def _scores(values: np.ndarray, train_ids: np.ndarray, names: list[str]) -> Scores:
@@ -145,3 +139,52 @@ def test_bootstrap_ci_contains_mean_and_is_reproducible():
     idx = g.integers(0, v.size, size=(2000, v.size))
     means = np.array([v[idx[b]].mean() for b in range(2000)])
     assert (lo, hi) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+
+
+def test_seed_ceiling_is_the_seed_to_seed_spearman_and_its_implied_ceiling():
+    from diffattr.evaluation.lds import ceiling_from_seed_corr, seed_ceiling
+
+    rng = np.random.default_rng(5)
+    f = rng.normal(size=(40, 1, 6))
+    losses = f + 0.8 * rng.normal(size=(40, 3, 6))  # 3 seeds, independent seed noise
+    names = [f"q{i}" for i in range(6)]
+    c = seed_ceiling(losses, names, n_boot=200)
+    want = [
+        np.mean([scipy.stats.spearmanr(losses[:, a, q], losses[:, b, q])[0]
+                 for a, b in [(0, 1), (0, 2), (1, 2)]])
+        for q in range(6)
+    ]  # fmt: skip
+    np.testing.assert_allclose(c.per_query, want, rtol=1e-12)
+    r = float(np.mean(want))
+    assert c.mean == pytest.approx(r) and c.seeds == 3
+    assert c.ceiling == pytest.approx(np.sqrt(3 * r / (1 + 2 * r)))
+    assert c.ceiling_one_seed == pytest.approx(np.sqrt(r))
+    assert c.ci_low <= c.mean <= c.ci_high
+    assert ceiling_from_seed_corr(-0.1, 2) == 0.0
+    # The best predictor (the noise-free f) reaches about the ceiling against the seed mean.
+    best = np.mean(
+        [scipy.stats.spearmanr(f[:, 0, q], losses[:, :, q].mean(1))[0] for q in range(6)]
+    )
+    assert abs(best - c.ceiling) < 0.15
+    with pytest.raises(ValueError, match="at least 2 retraining seeds"):
+        seed_ceiling(losses[:, :1], names)
+
+
+def test_counterfactual_summary_pairs_each_query_with_the_random_control():
+    from diffattr.evaluation.compare import RANDOM_CONTROL
+    from diffattr.evaluation.counterfactual import summarize
+
+    recs = []
+    l2 = {"m": [3.0, 5.0, 4.0, 6.0], RANDOM_CONTROL: [2.0, 2.5, 4.5, 3.0]}
+    for method, values in l2.items():
+        for q, v in enumerate(values):
+            recs.append({"method": method, "query": f"q{q}", "fraction": "10%", "l2": v,
+                         "feature": v / 10})  # fmt: skip
+    s = summarize(recs, n_boot=500, seed=1)
+    cell = s["m"]["10%"]
+    assert cell["n"] == 4 and cell["l2"] == pytest.approx(4.5)
+    diff = np.array(l2["m"]) - np.array(l2[RANDOM_CONTROL])
+    assert cell["l2_vs_random"] == pytest.approx(diff.mean())
+    assert cell["l2_vs_random_ci"] == list(bootstrap_ci(diff, 500, 1))
+    assert cell["feature_vs_random"] == pytest.approx(diff.mean() / 10)
+    assert "l2_vs_random" not in s[RANDOM_CONTROL]["10%"]

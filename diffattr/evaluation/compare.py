@@ -1,9 +1,10 @@
 """One comparison of every evaluated method: a markdown + CSV table and a PNG plot.
 
-Columns: LDS with its bootstrap CI per query set (held-out, generated), the counterfactual effect
-(pixel L2 and feature distance of the regenerated image, per removal fraction; the random-removal
-control is its own row), and the fit (featurization) and scoring times. A method that failed
-appears as ``failed: <reason>`` instead of numbers.
+Columns: LDS with its bootstrap CI per query set (held-out, generated) and, with two or more
+retraining seeds per subset, as a share of the seed-noise ceiling; the counterfactual effect
+(pixel L2 and feature distance of the regenerated image, per removal fraction, with bootstrap CIs
+over queries, and the paired difference to the random-removal control, which is its own row), and
+the fit (featurization) and scoring times. A method that failed appears as ``failed: <reason>``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffattr.evaluation.lds import LDSResult
+from diffattr.evaluation.lds import LDSResult, SeedCeiling, ceiling_from_seed_corr
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,15 @@ class MethodResult:
     """What the harness measured for one method.
 
     ``counterfactual``: fraction label (e.g. "1%") -> {"l2": mean pixel L2, "feature": mean feature
-    cosine distance} over the counterfactual queries.
+    cosine distance over the counterfactual queries, "l2_ci" / "feature_ci": their bootstrap CIs,
+    "l2_vs_random" / "feature_vs_random" (+ "_ci"): the paired difference to the random control}
+    (see :func:`diffattr.evaluation.counterfactual.summarize`).
     """
 
     method: str
     error: str | None = None
     lds: dict[str, LDSResult] = field(default_factory=dict)
-    counterfactual: dict[str, dict[str, float]] = field(default_factory=dict)
+    counterfactual: dict[str, dict[str, Any]] = field(default_factory=dict)
     fit_seconds: float | None = None
     score_seconds: float | None = None
     set_errors: dict[str, str] = field(default_factory=dict)  # query set -> why it has no score
@@ -73,15 +76,44 @@ def _fractions(results: list[MethodResult]) -> list[str]:
     return sorted(seen, key=lambda s: float(s.rstrip("%")))
 
 
-def table_rows(results: list[MethodResult]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the comparison table (strings, as written to markdown and CSV)."""
+def _interval(ci: Any, digits: int) -> str:
+    if not ci:
+        return "-"
+    return f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
+
+
+def _cf_cells(cell: dict[str, Any], key: str, digits: int) -> list[str]:
+    """``mean [CI]`` and ``paired difference to random [CI]`` of one counterfactual distance."""
+    value = _fmt(cell.get(key), digits)
+    if cell.get(f"{key}_ci"):
+        value += " " + _interval(cell[f"{key}_ci"], digits)
+    diff = cell.get(f"{key}_vs_random")
+    vs = (
+        "-"
+        if diff is None
+        else f"{diff:+.{digits}f} " + _interval(cell[f"{key}_vs_random_ci"], digits)
+    )
+    return [value, vs]
+
+
+def table_rows(
+    results: list[MethodResult], ceilings: dict[str, SeedCeiling] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison table (strings, as written to markdown and CSV).
+
+    With ``ceilings`` (query set -> :class:`SeedCeiling`), each LDS is also given as a share of
+    its ceiling and two rows show the seed-to-seed correlation and the ceiling itself."""
+    ceilings = ceilings or {}
     fracs = _fractions(results)
     qsets = [q for q in QUERY_SETS if any(q in r.lds for r in results)]
     header = ["method"]
     for q in qsets:
         header += [f"LDS {q}", f"LDS {q} 95% CI"]
+        if q in ceilings:
+            header.append(f"{q} % of ceiling")
     for f in fracs:
-        header += [f"cf L2 @{f}", f"cf feature @{f}"]
+        header += [f"cf L2 @{f}", f"cf L2 - random @{f}", f"cf feature @{f}"]
+        header.append(f"cf feature - random @{f}")
     header += ["fit s", "score s"]
     rows = []
     for r in results:
@@ -98,19 +130,45 @@ def table_rows(results: list[MethodResult]) -> tuple[list[str], list[list[str]]]
                 row += [f"n/a: {r.set_errors[q].split(':')[0]}", "-"]
             else:
                 row += ["-", "-"]
+            if q in ceilings:
+                c = ceilings[q].ceiling
+                row.append(f"{100 * res.mean / c:.0f}%" if res and c > 0 else "-")
         for f in fracs:
-            cf = r.counterfactual.get(f, {})
-            row += [_fmt(cf.get("l2")), _fmt(cf.get("feature"), 4)]
+            cell = r.counterfactual.get(f, {})
+            l2, l2_vs = _cf_cells(cell, "l2", 3)
+            feat, feat_vs = _cf_cells(cell, "feature", 4)
+            row += [l2, l2_vs, feat, feat_vs]
         row += [_fmt(r.fit_seconds, 1), _fmt(r.score_seconds, 1)]
         rows.append(row)
+    if ceilings:
+        rows += _ceiling_rows(ceilings, qsets, len(header))
     return header, rows
 
 
-def write_table(results: list[MethodResult], folder: Path) -> tuple[Path, Path]:
+def _ceiling_rows(
+    ceilings: dict[str, SeedCeiling], qsets: list[str], width: int
+) -> list[list[str]]:
+    seed_row, ceil_row = ["retrained seed vs seed (r)"], ["seed-noise ceiling"]
+    for q in qsets:
+        c = ceilings.get(q)
+        if c is None:
+            seed_row += ["-", "-"]
+            ceil_row += ["-", "-"]
+            continue
+        seed_row += [_fmt(c.mean), f"[{_fmt(c.ci_low)}, {_fmt(c.ci_high)}]", "-"]
+        lo, hi = (ceiling_from_seed_corr(v, c.seeds) for v in (c.ci_low, c.ci_high))
+        ceil_row += [_fmt(c.ceiling), f"[{_fmt(lo)}, {_fmt(hi)}]", "100%"]
+    pad = ["-"] * (width - len(seed_row))
+    return [seed_row + pad, ceil_row + pad]
+
+
+def write_table(
+    results: list[MethodResult], folder: Path, ceilings: dict[str, SeedCeiling] | None = None
+) -> tuple[Path, Path]:
     """``comparison.md`` and ``comparison.csv`` in ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    header, rows = table_rows(results)
+    header, rows = table_rows(results, ceilings)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
     notes = [
@@ -119,8 +177,18 @@ def write_table(results: list[MethodResult], folder: Path) -> tuple[Path, Path]:
         "and the negative measured query loss, averaged over queries; CI: bootstrap over queries.",
         "cf: counterfactual distance between the image regenerated (same initial noise) after "
         "removing the method's top-k training images and the original generation; higher = the "
-        "method found images that mattered more. Compare with the random-removal control row.",
+        "method found images that mattered more; [CI]: bootstrap over the counterfactual queries. "
+        "'- random': the mean paired difference to removing as many random images for the same "
+        "query; the method beats chance only where its interval lies above 0.",
     ]
+    for q, c in (ceilings or {}).items():
+        notes.append(
+            f"Seed-noise ceiling ({q}): two retraining seeds of the same subset give losses whose "
+            f"Spearman correlation across subsets is r = {c.mean:.3f}; with the evaluation's "
+            f"target (the mean of {c.seeds} seeds) the best possible predictor reaches about "
+            f"sqrt({c.seeds} r / (1 + {c.seeds - 1} r)) = {c.ceiling:.3f} (independent seed "
+            "noise assumed); '% of ceiling' divides each LDS by it."
+        )
     for r in results:
         for q, err in r.set_errors.items():
             notes.append(f"{r.method} has no {q} scores: {' '.join(err.split())[:300]}")
@@ -203,8 +271,10 @@ def plot(results: list[MethodResult], path: Path) -> Path:
     return path
 
 
-def write_comparison(results: list[MethodResult], folder: Path) -> dict[str, Path]:
+def write_comparison(
+    results: list[MethodResult], folder: Path, ceilings: dict[str, SeedCeiling] | None = None
+) -> dict[str, Path]:
     """Table (markdown, CSV) and plot (PNG) of ``results`` in ``folder``."""
-    md, csv_path = write_table(results, folder)
+    md, csv_path = write_table(results, folder, ceilings)
     png = plot(results, Path(folder) / "comparison.png")
     return {"markdown": md, "csv": csv_path, "plot": png}

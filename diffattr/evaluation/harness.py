@@ -53,7 +53,7 @@ from diffattr.evaluation.ground_truth import (
     evenly_spaced_timesteps,
     ground_truth,
 )
-from diffattr.evaluation.lds import LDSResult, lds
+from diffattr.evaluation.lds import LDSResult, SeedCeiling, lds, seed_ceiling
 from diffattr.evaluation.retrain import (
     ProcessInfo,
     local_accelerator,
@@ -194,6 +194,23 @@ def _training_checkpoints(
     options["checkpoints"] = [str(path) for _, path in found]
     options.setdefault("learning_rates", [learning_rate_at(exp, step - 1) for step, _ in found])
     return options
+
+
+def check_methods(cfg: EvalConfig, methods: list[str], where: str | Path) -> None:
+    """Every method name resolves to a registered method whose options are valid, checked before
+    any model is trained (an unknown name must not cost a whole ensemble first)."""
+    from diffattr.attribution.registry import make_options
+    from diffattr.errors import OptionError
+
+    for name in methods:
+        method, options, _ = cfg.method_spec(name)
+        if options.get("checkpoints") == TRAINING_CHECKPOINTS:  # resolved once the model exists
+            options.pop("checkpoints")
+            options.pop("learning_rates", None)
+        try:
+            make_options(method, **options)
+        except OptionError as exc:
+            raise OptionError(f"{where}: methods.{name}: {exc}") from None
 
 
 def _held_out(cfg: EvalConfig, folder: Path, sync: _Sync) -> Queries | None:
@@ -473,7 +490,18 @@ def _counterfactual(
             "num_inference_steps": gen.num_inference_steps,
             "eta": gen.eta,
         }
-        cf.measure(removals, model, originals, sampling, c.feature_timestep, folder, _device())
+        cf.measure(
+            removals,
+            model,
+            originals,
+            sampling,
+            c.feature_timestep,
+            folder,
+            _device(),
+            n_boot=cfg.lds.bootstrap,
+            seed=cfg.lds.seed,
+            level=cfg.lds.level,
+        )
     sync.wait_main("counterfactual")
     return cf.load_result(folder)
 
@@ -501,6 +529,7 @@ def evaluate(
     methods = list(methods) if methods else list(cfg.methods)
     if not methods:
         raise ValueError(f"{config_path}: no methods given and none configured under 'methods'")
+    check_methods(cfg, methods, config_path)
     # cpu=True: on a machine without CUDA, PartialState only joins a torchrun group (gloo) when told.
     state = state if state is not None else PartialState(cpu=not torch.cuda.is_available())
     proc = ProcessInfo.from_state(state)
@@ -610,24 +639,19 @@ def evaluate(
     if cfg.counterfactual.enabled and gen is not None:
         cf_result = _counterfactual(cfg, model, train, gen, all_scores, out, proc, sync, progress)
         for res in results:
-            res.counterfactual = {
-                f: {"l2": v["l2"], "feature": v["feature"]}
-                for f, v in cf_result["summary"].get(res.method, {}).items()
-            }
+            res.counterfactual = dict(cf_result["summary"].get(res.method, {}))
         if cfg.counterfactual.random_control and cf.RANDOM_CONTROL in cf_result["summary"]:
             results.append(
                 MethodResult(
                     cf.RANDOM_CONTROL,
-                    counterfactual={
-                        f: {"l2": v["l2"], "feature": v["feature"]}
-                        for f, v in cf_result["summary"][cf.RANDOM_CONTROL].items()
-                    },
+                    counterfactual=dict(cf_result["summary"][cf.RANDOM_CONTROL]),
                 )
             )
 
+    ceilings = _ceilings(gt, sets, cfg)
     comparison = None
     if sync.main:
-        comparison = write_comparison(results, out)
+        comparison = write_comparison(results, out, ceilings)
         write_json_atomic(
             out / "results.json",
             {
@@ -638,6 +662,7 @@ def evaluate(
                 "queries": {k: v.names for k, v in sets.items()},
                 "methods": [r.to_dict() for r in results],
                 "counterfactual": cf_result,
+                "seed_ceiling": {k: v.to_dict() for k, v in ceilings.items()},
             },
         )
         record = read_record(out)
@@ -656,6 +681,24 @@ def evaluate(
     )
 
 
+def _ceilings(gt: GroundTruth, sets: dict[str, Queries], cfg: EvalConfig) -> dict[str, SeedCeiling]:
+    """The seed-noise ceiling per query set (none with one retraining seed per subset)."""
+    if gt.losses_per_seed.shape[1] < 2:
+        return {}
+    col = {n: i for i, n in enumerate(gt.query_names)}
+    out = {}
+    for qname, queries in sets.items():
+        cols = [col[n] for n in queries.names]
+        out[qname] = seed_ceiling(
+            gt.losses_per_seed[:, :, cols],
+            list(queries.names),
+            n_boot=cfg.lds.bootstrap,
+            seed=cfg.lds.seed,
+            level=cfg.lds.level,
+        )
+    return out
+
+
 def launch(
     config_path: str | Path,
     methods: list[str] | None,
@@ -666,8 +709,10 @@ def launch(
     """Run :func:`evaluate` in ``workers`` processes (default: the config's ``workers``) via
     torchrun, then load the result in this process. Each CPU worker gets one thread.
     """
+    cfg = load_eval_config(config_path)
+    check_methods(cfg, list(methods) if methods else list(cfg.methods), config_path)
     if workers is None:
-        workers = load_eval_config(config_path).workers
+        workers = cfg.workers
     if workers <= 1:
         return evaluate(config_path, methods, out, progress=progress)
     cmd = [

@@ -6,7 +6,7 @@ training image *lowered* the query's loss (see ``diffattr.attribution.base``), L
 predictions with the **negative** loss: ``LDS_q = spearman_m(g[m, q], -L[m, q])``, then averages
 over queries, with a bootstrap confidence interval over queries.
 
-Spearman is implemented here with average ranks for ties (so it matches ``scipy.stats.spearmanr``).
+Spearman (:mod:`diffattr.stats`) uses average ranks for ties, so it matches ``scipy.stats.spearmanr``.
 """
 
 from __future__ import annotations
@@ -19,79 +19,17 @@ import numpy as np
 
 from diffattr.attribution.base import Scores
 from diffattr.evaluation.subsets import SubsetMasks
+from diffattr.stats import bootstrap_ci, spearman, spearman_columns
+
+__all__ = ["LDSResult", "bootstrap_ci", "lds", "spearman", "spearman_columns", "subset_score_sums"]
 
 log = logging.getLogger(__name__)
-
-
-def rankdata(x: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Ranks 1..n along ``axis`` with ties given the average of the ranks they span (float64)."""
-    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
-    n = x.shape[-1]
-    flat = x.reshape(-1, n)
-    out = np.empty_like(flat)
-    for r in range(flat.shape[0]):
-        row = flat[r]
-        order = np.argsort(row, kind="mergesort")
-        sorted_row = row[order]
-        # Start index of each run of equal values; a run spanning ranks a+1..b gets (a+1+b)/2.
-        starts = np.flatnonzero(np.r_[True, sorted_row[1:] != sorted_row[:-1]])
-        ends = np.r_[starts[1:], n]
-        avg = (starts + ends + 1) / 2.0
-        ranks_sorted = np.repeat(avg, ends - starts)
-        out[r, order] = ranks_sorted
-    return np.moveaxis(out.reshape(x.shape), -1, axis)
-
-
-def pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson correlation of matching columns of ``a`` and ``b`` ``(n, Q)`` -> ``(Q,)``.
-
-    NaN where a column is constant (the correlation is undefined).
-    """
-    a = a - a.mean(axis=0, keepdims=True)
-    b = b - b.mean(axis=0, keepdims=True)
-    num = (a * b).sum(axis=0)
-    den = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = num / den
-    r[den <= 1e-300] = np.nan
-    return np.clip(r, -1.0, 1.0)
-
-
-def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman rank correlation of matching columns of ``a`` and ``b`` ``(n, Q)`` -> ``(Q,)``."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(
-            f"spearman: want two (n, Q) arrays of equal shape, got {a.shape}, {b.shape}"
-        )
-    if a.shape[0] < 2:
-        raise ValueError("spearman: need at least 2 observations")
-    return pearson_columns(rankdata(a, axis=0), rankdata(b, axis=0))
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation of two 1-D arrays (NaN when either is constant)."""
-    return float(spearman_columns(np.asarray(a)[:, None], np.asarray(b)[:, None])[0])
 
 
 def subset_score_sums(scores: Scores, subsets: SubsetMasks) -> np.ndarray:
     """``(M, Q)``: for each subset, the sum of each query's scores over the subset's ids."""
     masks = subsets.aligned(scores.train_ids).astype(np.float64)
     return masks @ scores.values.astype(np.float64).T
-
-
-def bootstrap_ci(
-    values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (resampling entries with replacement)."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.size, size=(n_boot, values.size))
-    means = values[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
 
 
 @dataclass
@@ -156,4 +94,72 @@ def lds(
         ci_high=hi,
         n_subsets=len(subsets),
         n_undefined=int(undefined.sum()),
+    )
+
+
+@dataclass
+class SeedCeiling:
+    """How well one retrained seed's losses predict another's: the noise ceiling of LDS.
+
+    ``seed_corr``: per query, the Spearman correlation across subsets between the losses of two
+    retraining seeds (averaged over seed pairs), with its mean and bootstrap CI. If a model's loss
+    is ``f(subset) + noise`` with the noise independent across seeds, the best possible predictor
+    ``f`` reaches a correlation of ``sqrt(S r / (1 + (S - 1) r))`` with the mean of ``S`` seeds
+    (``r`` = ``mean`` seed correlation): ``ceiling`` for the evaluation's own target (the mean of
+    its ``seeds`` seeds) and ``ceiling_one_seed`` (``sqrt(r)``) for a single seed. A method's LDS
+    reads as a fraction of ``ceiling``.
+    """
+
+    per_query: np.ndarray
+    query_names: list[str]
+    mean: float
+    ci_low: float
+    ci_high: float
+    seeds: int
+    ceiling: float
+    ceiling_one_seed: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["per_query"] = [float(v) for v in self.per_query]
+        return d
+
+
+def ceiling_from_seed_corr(r: float, seeds: int) -> float:
+    """``sqrt(S r / (1 + (S - 1) r))`` (0 for ``r <= 0``): see :class:`SeedCeiling`."""
+    if not np.isfinite(r) or r <= 0:
+        return 0.0
+    return float(np.sqrt(seeds * r / (1.0 + (seeds - 1) * r)))
+
+
+def seed_ceiling(
+    losses_per_seed: np.ndarray,
+    query_names: list[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> SeedCeiling:
+    """:class:`SeedCeiling` of ``losses_per_seed`` ``(M, S, Q)`` (needs ``S >= 2`` seeds)."""
+    losses = np.asarray(losses_per_seed, dtype=np.float64)
+    if losses.ndim != 3 or losses.shape[2] != len(query_names):
+        raise ValueError(
+            f"seed ceiling: losses have shape {losses.shape}; want (M, S, {len(query_names)})"
+        )
+    S = losses.shape[1]
+    if S < 2:
+        raise ValueError("seed ceiling: needs at least 2 retraining seeds per subset")
+    pairs = [(a, b) for a in range(S) for b in range(a + 1, S)]
+    per_pair = np.stack([spearman_columns(losses[:, a], losses[:, b]) for a, b in pairs])
+    per_query = np.nan_to_num(per_pair, nan=0.0).mean(axis=0)
+    lo, hi = bootstrap_ci(per_query, n_boot=n_boot, seed=seed, level=level)
+    r = float(per_query.mean())
+    return SeedCeiling(
+        per_query=per_query,
+        query_names=list(query_names),
+        mean=r,
+        ci_low=lo,
+        ci_high=hi,
+        seeds=S,
+        ceiling=ceiling_from_seed_corr(r, S),
+        ceiling_one_seed=ceiling_from_seed_corr(r, 1),
     )
