@@ -19,6 +19,17 @@ log = logging.getLogger("diffattr")
 Command = Callable[[argparse.Namespace], int]
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is a one-line usage error, no traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 # --------------------------------------------------------------------------- shared options
 def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
@@ -163,14 +174,10 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-FEATURIZE_RECORD = "attributor.json"
-
-
 def cmd_featurize(args: argparse.Namespace) -> int:
-    from diffattr.attribution.registry import make_attributor
+    from diffattr.attribution.saved import fit_into_folder
     from diffattr.data import load_dataset
     from diffattr.diffusion.model import load_model
-    from diffattr.repro import open_result_dir
 
     model = load_model(args.model)
     data_cfg = _data_config(args, _model_data_config(model))
@@ -181,20 +188,9 @@ def cmd_featurize(args: argparse.Namespace) -> int:
         if value is not None:
             options[key] = value
     out = Path(args.out)
-    open_result_dir(
-        out,
-        kind="attributor",
-        identity={
-            "method": args.method,
-            "options": options,
-            "data": data_cfg,
-            "data_hash": train.data_hash(),
-            "model_hash": model.model_hash(),
-        },
-        extra={"model_path": str(args.model)},
+    fit_into_folder(
+        model, args.model, args.method, options, data_cfg, train, out, progress=not args.quiet
     )
-    attributor = make_attributor(args.method, model, work_dir=out, **options)
-    attributor.fit(train)
     log.info("featurized %d training images with %s into %s", len(train), args.method, out)
     return 0
 
@@ -229,37 +225,23 @@ def _load_queries(args: argparse.Namespace, shape: tuple[int, int, int]):
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    from diffattr.attribution.registry import make_attributor
-    from diffattr.config import DataConfig
-    from diffattr.data import load_dataset
+    from diffattr.attribution.base import describe_stability
+    from diffattr.attribution.saved import open_folder
     from diffattr.diffusion.model import load_model
-    from diffattr.repro import MismatchError, read_record
 
     model = load_model(args.model)
-    record = read_record(args.features)
-    if record.get("kind") != "attributor":
-        raise SystemExit(f"error: {args.features} is not made by `diffattr featurize`")
-    ident = record["identity"]
-    if ident["model_hash"] != model.model_hash():
-        raise MismatchError(
-            f"{args.features} was featurized with model hash {ident['model_hash'][:12]}, "
-            f"but {args.model} has hash {model.model_hash()[:12]}"
-        )
-    train = load_dataset(DataConfig(**ident["data"]))
-    if train.data_hash() != ident["data_hash"]:
-        raise MismatchError(f"{args.features}: the training data changed since featurization")
     queries = _load_queries(args, model.image_shape)
-    attributor = make_attributor(
-        ident["method"], model, work_dir=Path(args.features), **ident["options"]
-    )
-    attributor.fit(train)
+    attributor, _ = open_folder(model, args.features, progress=not args.quiet)
     scores = attributor.score(queries)
-    for name, row in zip(scores.query_names, scores.top_k(args.top_k), strict=True):
-        sys.stdout.write(f"{name}: top-{args.top_k} training images by {scores.method}\n")
+    k = args.top_k
+    stability = scores.stability(k)
+    for q, (name, row) in enumerate(zip(scores.query_names, scores.top_k(k), strict=True)):
+        sys.stdout.write(f"{name}: top-{k} training images by {scores.method}\n")
         for rank, (train_id, value) in enumerate(row, 1):
             sys.stdout.write(f"  {rank:3d}. id {train_id:6d}  score {value:+.5g}\n")
+        sys.stdout.write(f"  {describe_stability(stability, q)}\n")
     if args.out:
-        scores.save(args.out)
+        scores.save(args.out, top_k=k)
         log.info("scores (%d x %d) written to %s", *scores.values.shape, args.out)
     return 0
 
@@ -289,7 +271,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method, result in summary["methods"].items():
         row = ", ".join(f"{tid} ({score:+.4g})" for tid, score in result["top5"])
         sys.stdout.write(f"  {method:8s} {row}\n")
-    sys.stdout.write(f"report: {Path(args.out) / 'report.html'}\n")
+        sys.stdout.write(f"  {'':8s} {result['stability']}\n")
+    out = Path(args.out)
+    sys.stdout.write(f"report: {out / 'report.html'}\n")
+    sys.stdout.write(
+        f"attribute your own image: diffattr attribute --model {out / 'model'} "
+        f"--features {out / 'features' / 'd-trak'} --image your.png\n"
+    )
     return 0
 
 
@@ -310,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="model folder (diffusers layout); resumes if present"
     )
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
-    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="override train.steps")
     p.add_argument("--data-root", default=None, help="override data.root")
     p.add_argument(
         "--keep-checkpoints",
@@ -323,10 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, help="model folder (ours or a diffusers DDPM pipeline)"
     )
-    p.add_argument("--n", type=int, default=16, help="number of images")
+    p.add_argument("--n", type=positive_int, default=16, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--class-label", type=int, default=None, help="class for conditional models")
     p.add_argument("--out", required=True, help="output folder")
@@ -353,11 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--method", required=True, help="see `diffattr methods`")
     p.add_argument("--out", required=True, help="feature folder (resumes if present)")
-    p.add_argument("--timesteps", type=int, default=None, help="number of timesteps K")
-    p.add_argument("--proj-dim", type=int, default=None, help="projection dimension k")
+    p.add_argument("--timesteps", type=positive_int, default=None, help="number of timesteps K")
+    p.add_argument("--proj-dim", type=positive_int, default=None, help="projection dimension k")
     p.add_argument("--projector", default=None, help="gaussian | rademacher | kronecker | identity")
     p.add_argument("--output", default=None, help="output function (d-trak): square, loss, ...")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="any method option")
     p.set_defaults(func=cmd_featurize)
@@ -367,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True, help="folder written by `diffattr featurize`")
     p.add_argument("--image", default=None, help="one query image (PNG)")
     p.add_argument("--images", default=None, help="a folder of query images")
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument(
+        "--top-k", type=positive_int, default=10, help="training images listed per query"
+    )
     p.add_argument("--out", default=None, help="write scores.safetensors + top_k.csv here")
     p.set_defaults(func=cmd_attribute)
 
@@ -376,7 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", required=True, help="comma-separated, e.g. trak,d-trak,pixel")
     p.add_argument("--out", required=True, help="evaluation folder (resumes if present)")
     p.add_argument(
-        "--workers", type=int, default=None, help="processes (default: the config's `workers`)"
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="processes (default: the config's `workers`)",
     )
     p.set_defaults(func=cmd_evaluate)
 

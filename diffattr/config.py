@@ -210,6 +210,19 @@ def identity_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _check_train(t: TrainConfig, where: str) -> None:
+    for key in ("steps", "batch_size", "gradient_accumulation_steps"):
+        v = getattr(t, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{where}: train.{key}={v!r}; expected an integer >= 1")
+    # 0 turns logging / checkpointing off.
+    for key in ("lr_warmup_steps", "num_workers", "checkpoint_every", "log_every"):
+        v = getattr(t, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{where}: train.{key}={v!r}; expected an integer >= 0")
+    if not isinstance(t.learning_rate, (int, float)) or not t.learning_rate > 0:
+        raise ConfigError(
+            f"{where}: train.learning_rate={t.learning_rate!r}; expected a number > 0"
+        )
     if t.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(
             f"{where}: train.lr_schedule={t.lr_schedule!r}; expected one of {list(LR_SCHEDULES)}"

@@ -33,6 +33,10 @@ class MismatchError(UserError, ValueError):
     """A result folder was reopened with arguments, a model or data other than those that made it."""
 
 
+class RecordNotFoundError(UserError, FileNotFoundError):
+    """A folder that should hold a diffattr result has no ``diffattr.json`` record."""
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; returns a CPU generator seeded the same way."""
     random.seed(seed)
@@ -169,6 +173,13 @@ def open_result_dir(
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
     """The ``diffattr.json`` record of a result folder (clear error when absent)."""
     record_path = Path(path) / RECORD_NAME
+    if not Path(path).is_dir():
+        raise RecordNotFoundError(f"{path}: no such folder")
     if not record_path.exists():
-        raise FileNotFoundError(f"{record_path}: no diffattr record; is {path} a diffattr result?")
-    return json.loads(record_path.read_text())
+        raise RecordNotFoundError(
+            f"{record_path}: no diffattr record; is {path} a folder written by diffattr?"
+        )
+    try:
+        return json.loads(record_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MismatchError(f"{record_path}: not valid JSON ({exc})") from exc

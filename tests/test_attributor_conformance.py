@@ -1,5 +1,7 @@
 """One conformance test for every registered attribution method (new methods are covered
-automatically): shape, id order, finiteness, determinism, save/load, protocol, column permutation.
+automatically): shape, id order, finiteness, determinism, save/load, protocol, column permutation,
+and "same image, same scores": a query's scores do not depend on its name, its position in the
+batch or the other queries scored with it (bit for bit).
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ from diffattr.testing import tiny_model
 FAST_OPTIONS: dict[str, Any] = {
     "timesteps": 2,
     "num_noise": 1,
-    "projector": "gaussian",
-    "proj_dim": 24,
+    "proj_dim": 64,
     "batch_size": 8,
     "query_draws": 2,
     "step_stride": 2,
@@ -101,6 +102,32 @@ def test_attributor_conformance(name: str, model, train, queries, tmp_path) -> N
     again.fit(train)
     np.testing.assert_array_equal(again.score(queries).values, s.values)
 
+    # the stability figure: two half-budget score tables (methods that draw noise)
+    if s.halves is not None:
+        assert s.halves.shape == (2, *s.values.shape) and np.all(np.isfinite(s.halves))
+        stab = s.stability(3)
+        assert stab is not None and stab.overlap.shape == (len(queries),)
+        assert np.all((stab.overlap >= 0) & (stab.overlap <= 1))
+
+    # same image, same scores: renamed, moved to another batch position, with other batch-mates
+    assert queries.trajectories is not None
+    order = [2, 0, 1, 0]
+    moved = Queries(
+        images=queries.images[order],
+        names=["other-2", "renamed.png", "other-1", "renamed-again.png"],
+        trajectories=[queries.trajectories[i] for i in order],
+    )
+    ms = attr.score(moved)
+    for row, i in enumerate(order):
+        np.testing.assert_array_equal(ms.values[row], s.values[i])
+    alone = attr.score(
+        Queries(queries.images[1:2], ["solo"], trajectories=queries.trajectories[1:2])
+    )
+    np.testing.assert_array_equal(alone.values[0], s.values[1])
+    if s.halves is not None:
+        assert ms.halves is not None
+        np.testing.assert_array_equal(ms.halves[:, 1], s.halves[:, 0])
+
     # save / load round trip
     loaded = Scores.load(s.save(tmp_path / "scores"))
     np.testing.assert_array_equal(loaded.values, s.values)
@@ -110,6 +137,11 @@ def test_attributor_conformance(name: str, model, train, queries, tmp_path) -> N
     if s.per_step is not None:
         assert loaded.per_step is not None
         np.testing.assert_array_equal(loaded.per_step, s.per_step)
+    if s.halves is not None:
+        assert loaded.halves is not None
+        np.testing.assert_array_equal(loaded.halves, s.halves)
+    saved = json.loads((tmp_path / "scores" / "scores.json").read_text())
+    assert (saved["stability"] is None) == (s.halves is None)
 
     # permuting the training set permutes the columns: ids stay attached to their scores
     perm_ids = train.ids[torch.tensor([3, 6, 0, 5, 1, 4, 2])]

@@ -40,3 +40,14 @@ def test_broken_torchvision_is_reported(tmp_path):
     assert result.returncode == 1
     assert "torchvision is installed but broken" in result.stderr
     assert "torchvision::nms" in result.stderr
+
+
+def test_license_is_an_spdx_string():
+    """A TOML-table license makes `pip install` print setuptools deprecation warnings."""
+    from pathlib import Path
+
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "Apache-2.0"
+    assert any(r.startswith("setuptools>=77") for r in meta["build-system"]["requires"])

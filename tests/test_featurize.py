@@ -45,7 +45,8 @@ def _reference(model, x0, ids, timesteps, args, params) -> torch.Tensor:
         for s, t in enumerate(timesteps):
             x = x0[b, s] if x0.ndim == 5 else x0[b]
             for d in range(args.num_noise):
-                noise = noise_for(args.seed, i, t, d, tuple(x.shape)).to(x.dtype)[None]
+                noise = noise_for(args.seed, i, t, d, tuple(x.shape), args.noise)
+                noise = noise.to(x.dtype)[None]
                 tt = torch.tensor([t])
                 x_t = model.scheduler.add_noise(x[None], noise, tt)
                 with vmap_friendly_attention(model.unet):
@@ -58,15 +59,21 @@ def _reference(model, x0, ids, timesteps, args, params) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("output", "num_noise", "normalize"), [("loss", 2, False), ("square", 1, True)]
+    ("output", "num_noise", "normalize", "noise"),
+    [
+        ("loss", 2, False, "shared"),
+        ("square", 1, True, "per-sample"),
+        ("loss", 2, False, "per-sample"),
+    ],
 )
 def test_identity_features_equal_loop_reference(
-    output: str, num_noise: int, normalize: bool
+    output: str, num_noise: int, normalize: bool, noise: str
 ) -> None:
     model = tiny_model()
     args = FeaturizeArgs(
         output=output,
         num_noise=num_noise,
+        noise=noise,
         normalize=normalize,
         projector=ProjectorConfig(kind="identity", dtype="float64"),
         params=["*up_blocks.1.*", "conv_out.*"],
@@ -182,16 +189,30 @@ def test_frozen_unet_gives_same_features() -> None:
 
 
 def test_noise_for_is_deterministic() -> None:
-    a = noise_for(0, 5, 100, 0, (1, 4, 4))
-    assert torch.equal(a, noise_for(0, 5, 100, 0, (1, 4, 4)))
+    a = noise_for(0, 5, 100, 0, (1, 4, 4), "per-sample")
+    assert torch.equal(a, noise_for(0, 5, 100, 0, (1, 4, 4), "per-sample"))
     for other in [
-        noise_for(1, 5, 100, 0, (1, 4, 4)),
-        noise_for(0, 6, 100, 0, (1, 4, 4)),
-        noise_for(0, 5, 101, 0, (1, 4, 4)),
-        noise_for(0, 5, 100, 1, (1, 4, 4)),
+        noise_for(1, 5, 100, 0, (1, 4, 4), "per-sample"),
+        noise_for(0, 6, 100, 0, (1, 4, 4), "per-sample"),
+        noise_for(0, 5, 101, 0, (1, 4, 4), "per-sample"),
+        noise_for(0, 5, 100, 1, (1, 4, 4), "per-sample"),
+        noise_for(0, 5, 100, 0, (1, 4, 4), "shared"),
     ]:
         assert not torch.allclose(a, other)
     assert a.dtype == torch.float32 and a.shape == (1, 4, 4)
+    # Shared noise: one noise per (seed, t, draw) whatever the sample.
+    s = noise_for(0, 5, 100, 0, (1, 4, 4), "shared")
+    assert torch.equal(s, noise_for(0, 123, 100, 0, (1, 4, 4), "shared"))
+    for other in [
+        noise_for(1, 5, 100, 0, (1, 4, 4), "shared"),
+        noise_for(0, 5, 101, 0, (1, 4, 4), "shared"),
+        noise_for(0, 5, 100, 1, (1, 4, 4), "shared"),
+    ]:
+        assert not torch.allclose(s, other)
+    with pytest.raises(ValueError, match="noise.*'shared', 'per-sample'"):
+        noise_for(0, 5, 100, 0, (1, 4, 4), "same")
+    with pytest.raises(ValueError, match="featurize.noise"):
+        FeaturizeArgs(noise="same")
 
 
 def test_timestep_policies() -> None:
@@ -202,6 +223,14 @@ def test_timestep_policies() -> None:
         750,
     ]
     assert TimestepPolicy(kind="uniform", count=3, num_train_timesteps=10).timesteps() == [0, 3, 6]
+    lo = TimestepPolicy(kind="uniform", count=3, num_train_timesteps=10, t_min=4)
+    assert lo.timesteps() == [4, 6, 8]
+    r_lo = TimestepPolicy(kind="random", count=5, seed=3, t_min=900).timesteps()
+    assert len(set(r_lo)) == 5 and all(900 <= t < 1000 for t in r_lo)
+    with pytest.raises(ValueError, match="t_min"):
+        TimestepPolicy(kind="uniform", count=3, num_train_timesteps=10, t_min=10)
+    with pytest.raises(ValueError, match=r"count: 7 is more than the 6"):
+        TimestepPolicy(kind="uniform", count=7, num_train_timesteps=10, t_min=4)
     assert TimestepPolicy(kind="list", values=[999, 0, 5]).timesteps() == [999, 0, 5]
     r = TimestepPolicy(kind="random", count=6, seed=3).timesteps()
     assert r == TimestepPolicy(kind="random", count=6, seed=3).timesteps()

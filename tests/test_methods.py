@@ -1,8 +1,9 @@
 """Each attribution method against its formula, computed here from explicit autograd gradients.
 
 The references below take one ``torch.autograd.grad`` per (image, timestep, noise draw) on a tiny
-UNet, with the same noise the featurizer uses (``noise_for``), the identity projector (so features
-are raw gradients of the selected parameters), and closed-form kernels in float64 numpy.
+UNet, with the same noise the featurizer uses (``noise_for`` under the method's noise policy), the
+identity projector (so features are raw gradients of the selected parameters), and closed-form
+kernels in float64 numpy. Queries are seeded by their content (``content_ids``), never their name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from diffattr import testing
 from diffattr.attribution.base import Queries, Trajectory
-from diffattr.attribution.methods.common import query_ids
+from diffattr.attribution.methods.common import content_ids
 from diffattr.attribution.registry import ATTRIBUTORS, list_attributors, make_attributor
 from diffattr.attribution.timesteps import noise_for
 from diffattr.data.dataset import ImageDataset
@@ -61,11 +62,18 @@ def outputs(name: str, eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def ref_grad(
-    m: DiffusionModel, x0: torch.Tensor, sid: int, t: int, draw: int, output: str, seed: int
+    m: DiffusionModel,
+    x0: torch.Tensor,
+    sid: int,
+    t: int,
+    draw: int,
+    output: str,
+    seed: int,
+    policy: str = "shared",
 ) -> np.ndarray:
     """Gradient (float64 numpy, selected params in named order) for one image, t and draw."""
     params = [p for n, p in m.unet.named_parameters() if n.startswith(("conv_in.", "conv_out."))]
-    noise = noise_for(seed, sid, t, draw, tuple(x0.shape))
+    noise = noise_for(seed, sid, t, draw, tuple(x0.shape), policy)
     tt = torch.tensor([t])
     x_t = m.scheduler.add_noise(x0[None], noise[None], tt)
     with torch.enable_grad():
@@ -84,16 +92,21 @@ def ref_features(
     normalize: bool = False,
     draws: int = 1,
     seed: int = 3,
+    policy: str = "shared",
+    half: int | None = None,
 ) -> np.ndarray:
-    """Mean over timesteps and draws of (optionally unit-normalised) gradients: ``(n, k)``."""
+    """Mean over timesteps and draws of (optionally unit-normalised) gradients: ``(n, k)``.
+
+    ``half`` 0 / 1: only the even / odd (t, draw) samples in timestep-major order (the halves
+    behind the stability figure)."""
     rows = []
     for x0, sid in zip(images, ids, strict=True):
         acc = []
         for t in ts:
             for d in range(draws):
-                g = ref_grad(m, x0, sid, t, d, output, seed)
+                g = ref_grad(m, x0, sid, t, d, output, seed, policy)
                 acc.append(g / np.linalg.norm(g) if normalize else g)
-        rows.append(np.mean(acc, axis=0))
+        rows.append(np.mean(acc if half is None else acc[half::2], axis=0))
     return np.stack(rows)
 
 
@@ -108,7 +121,7 @@ def close(got: np.ndarray, want: np.ndarray, rtol: float = 2e-3) -> None:
 
 
 def qids(q: Queries) -> list[int]:
-    return [int(i) for i in query_ids(q.names)]
+    return [int(i) for i in content_ids(q.images)]
 
 
 # ------------------------------------------------------------------------------ registry
@@ -152,17 +165,50 @@ def test_bad_names_and_options_are_explained(model: DiffusionModel) -> None:
 # ------------------------------------------------------------------------------ methods
 
 
+@pytest.mark.parametrize("policy", ["shared", "per-sample"])
 @pytest.mark.parametrize(("name", "output"), [("trak", "loss"), ("d-trak", "square")])
-def test_trak_and_dtrak_match_closed_form(model, train, queries, name: str, output: str) -> None:
+def test_trak_and_dtrak_match_closed_form(
+    model, train, queries, name: str, output: str, policy: str
+) -> None:
     ts = [10, 60]
-    a = make_attributor(name, model, timestep_values=ts, lam=0.05, **BASE)
+    a = make_attributor(name, model, timestep_values=ts, lam=0.05, noise=policy, **BASE)
     a.fit(train)
     s = a.score(queries)
-    phi = ref_features(model, train.images, train.ids.tolist(), ts, output)
-    q = ref_features(model, queries.images, qids(queries), ts, output)
+    phi = ref_features(model, train.images, train.ids.tolist(), ts, output, policy=policy)
+    q = ref_features(model, queries.images, qids(queries), ts, output, policy=policy)
     close(s.values, kernel(phi, q, 0.05))
     assert s.config["lambda"] == 0.05 and s.config["timesteps"] == ts
     assert list(s.train_ids) == train.ids.tolist() and s.method == name
+    # The stability figure: two attributions from disjoint halves of the samples, training and
+    # query side alike (here: t = 10 in one half, t = 60 in the other).
+    assert s.halves is not None
+    for h in (0, 1):
+        ph = ref_features(
+            model, train.images, train.ids.tolist(), ts, output, policy=policy, half=h
+        )
+        qh = ref_features(model, queries.images, qids(queries), ts, output, policy=policy, half=h)
+        close(s.halves[h], kernel(ph, qh, 0.05))
+
+
+def test_query_budget_is_its_own(model, train, queries) -> None:
+    """Query features average query_timesteps x query_num_noise samples; training ones do not."""
+    a = make_attributor(
+        "d-trak", model, timesteps=2, query_timesteps=4, query_num_noise=2, lam=0.05, **BASE
+    )
+    a.fit(train)
+    s = a.score(queries)
+    assert s.config["timesteps"] == [0, 50] and s.config["query_timesteps"] == [0, 25, 50, 75]
+    phi = ref_features(model, train.images, train.ids.tolist(), [0, 50], "square")
+    ids, qts = qids(queries), [0, 25, 50, 75]
+    q = ref_features(model, queries.images, ids, qts, "square", draws=2)
+    close(s.values, kernel(phi, q, 0.05))
+    assert s.halves is not None  # halves: t = 0 vs 50 (training), draw 0 vs 1 (query)
+    for h in (0, 1):
+        ph = ref_features(model, train.images, train.ids.tolist(), [[0], [50]][h], "square")
+        qh = ref_features(model, queries.images, ids, qts, "square", draws=2, half=h)
+        close(s.halves[h], kernel(ph, qh, 0.05))
+    stab = s.stability(2)
+    assert stab is not None and stab.overlap.shape == (3,) and stab.rank_corr.shape == (3,)
 
 
 def test_trak_default_lambda_rule_and_uniform_timesteps(model, train, queries) -> None:
@@ -239,18 +285,22 @@ def test_das_matches_its_formula(model, train, queries) -> None:
         model, train.images, train.ids.tolist(), ts, "average", normalize=True, draws=2
     )
     q = ref_features(model, queries.images, qids(queries), ts, "average", normalize=True, draws=2)
-    r = np.zeros(len(train))
+    errs = np.zeros((len(train), len(ts) * 2))  # (image, (t, draw) in timestep-major order)
     for j, (x0, sid) in enumerate(zip(train.images, train.ids.tolist(), strict=True)):
-        errs = []
-        for t in ts:
-            for d in range(2):
-                noise = noise_for(3, sid, t, d, (1, 8, 8))
-                x_t = model.scheduler.add_noise(x0[None], noise[None], torch.tensor([t]))
-                with torch.no_grad():
-                    eps = model.unet(x_t, torch.tensor([t])).sample
-                errs.append(float(((eps - noise) ** 2).mean().sqrt()))
-        r[j] = np.mean(errs)
+        for i, (t, d) in enumerate((t, d) for t in ts for d in range(2)):
+            noise = noise_for(3, sid, t, d, (1, 8, 8), "shared")
+            x_t = model.scheduler.add_noise(x0[None], noise[None], torch.tensor([t]))
+            with torch.no_grad():
+                eps = model.unet(x_t, torch.tensor([t])).sample
+            errs[j, i] = float(((eps - noise) ** 2).mean().sqrt())
+    r = errs.mean(axis=1)
     close(s.values, kernel(phi, q, 0.02) * r[None, :])
+    assert s.halves is not None  # halves: draw 0 vs draw 1, residuals of the same samples
+    for h in (0, 1):
+        args = (ts, "average", True, 2)
+        ph = ref_features(model, train.images, train.ids.tolist(), *args, half=h)
+        qh = ref_features(model, queries.images, qids(queries), *args, half=h)
+        close(s.halves[h], kernel(ph, qh, 0.02) * errs[:, h::2].mean(axis=1)[None, :])
     plain = make_attributor(
         "das", model, timestep_values=ts, lam=0.02, num_noise=2, residual="none", **BASE
     )
@@ -404,3 +454,20 @@ def test_options_from_text_config_are_coerced(model) -> None:
     assert a.options.lam == 0.5 and a.options.lambda_scale == 0.1
     with pytest.raises(ValueError, match="lam: expected a number"):
         make_attributor("trak", model, lam="lots")
+
+
+def test_das_residuals_are_cached_beside_the_store(model, train, queries, tmp_path, monkeypatch):
+    from diffattr.attribution.methods import das
+
+    a = make_attributor("das", model, tmp_path, timestep_values=[15, 55], **BASE)
+    a.fit(train)
+    first = a.score(queries).values
+    assert len(list(tmp_path.glob("das-*/das_residuals.safetensors"))) == 1
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("residuals recomputed although they were saved")
+
+    monkeypatch.setattr(das, "residual_errors", fail)
+    b = make_attributor("das", model, tmp_path, timestep_values=[15, 55], **BASE)
+    b.fit(train)
+    np.testing.assert_array_equal(b.score(queries).values, first)

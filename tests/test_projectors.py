@@ -112,7 +112,7 @@ def test_config_validation() -> None:
         ProjectorConfig.from_dict({"kind": "gaussian", "k": 3})
     with pytest.raises(ValueError, match="needs the model"):
         make_projector(ProjectorConfig(kind="kronecker"), SHAPES)
-    proj = DenseProjector(ProjectorConfig(dim=4), SHAPES)
+    proj = DenseProjector(ProjectorConfig(kind="gaussian", dim=4), SHAPES)
     with pytest.raises(ValueError, match="shape"):
         proj.project({**_grads(2, torch.float32), "b.bias": torch.zeros(2, 6)})
     with pytest.raises(KeyError, match="no gradient"):

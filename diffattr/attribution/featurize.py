@@ -1,12 +1,15 @@
 """Timestep-aware gradient featurization shared by every TRAK-family method.
 
 For a training (or query) image ``x0`` with id ``i``, a timestep ``t`` and a noise draw ``d``:
-``noise = noise_for(seed, i, t, d)``, ``x_t = scheduler.add_noise(x0, noise, t)``, the output
+``noise = noise_for(seed, i, t, d, policy)`` (under the default ``shared`` policy the same for every
+image, see :mod:`diffattr.attribution.timesteps`), ``x_t = scheduler.add_noise(x0, noise, t)``, the output
 function ``OUTPUTS[output](eps_theta(x_t, t), noise, t, ...)`` is differentiated with respect to the
 selected UNet parameters for this one sample, optionally unit-normalised, and randomly projected to
 ``k`` dimensions. Features of the ``num_noise`` draws are averaged. ``per_step_features`` returns
-them per timestep ``(B, S, k)``; ``aggregate`` averages over steps (TRAK / D-TRAK) or keeps them
-(Journey-TRAK, DAS); ``featurize`` runs this over a data set into a resumable
+them per timestep ``(B, S, k)`` (or per draw, ``(B, S, D, k)``); ``aggregate_samples`` averages over
+all samples (``"mean"``: TRAK / D-TRAK / DAS), keeps the steps (``"per-step"``: Journey-TRAK) or
+averages two independent halves of the samples separately (``"halves"``, ``(B, 2, k)``: the
+stability figure); ``featurize`` runs this over a data set into a resumable
 :class:`~diffattr.attribution.store.FeatureStore`.
 
 Normalisation (``normalize=True``) divides each (sample, t, draw) gradient by its exact L2 norm
@@ -56,7 +59,12 @@ from diffattr.attribution.store import (
     open_store_dir,
     write_shard,
 )
-from diffattr.attribution.timesteps import TimestepPolicy, noise_for, validate_timesteps
+from diffattr.attribution.timesteps import (
+    TimestepPolicy,
+    check_noise_policy,
+    noise_for,
+    validate_timesteps,
+)
 from diffattr.data.dataset import ImageDataset
 from diffattr.repro import to_jsonable, write_json_atomic
 
@@ -71,13 +79,16 @@ __all__ = [
     "StoreMismatchError",
     "TimestepPolicy",
     "aggregate",
+    "aggregate_samples",
     "build_projector",
     "featurize",
+    "merge_halves",
     "per_step_features",
+    "split_halves",
 ]
 
 AnyProjector = IdentityProjector | DenseProjector | KroneckerProjector
-AGGREGATES = ("mean", "per-step")
+AGGREGATES = ("mean", "per-step", "halves")
 # Raw per-sample gradients pooled before one dense projection call (values do not depend on it).
 # Override with the environment variable DIFFATTR_PROJECT_BUFFER_MB.
 PROJECT_BUFFER_BYTES = int(float(os.environ.get("DIFFATTR_PROJECT_BUFFER_MB", "1024")) * 2**20)
@@ -93,8 +104,10 @@ class FeaturizeArgs:
     """Everything that decides a feature's value (recorded in a store's identity).
 
     ``output``: a key of :data:`OUTPUTS`; ``timesteps``: which t to differentiate at;
-    ``num_noise``: noise draws per (sample, t), averaged; ``aggregate``: ``"mean"`` over timesteps
-    or ``"per-step"``; ``normalize``: unit-normalise each raw gradient before projection;
+    ``num_noise``: noise draws per (sample, t), averaged; ``noise``: ``"shared"`` (one noise per
+    (seed, t, draw) for every sample) or ``"per-sample"`` (see
+    :mod:`~diffattr.attribution.timesteps`); ``aggregate``: ``"mean"`` over all samples,
+    ``"per-step"`` or ``"halves"`` (see :func:`aggregate_samples`); ``normalize``: unit-normalise each raw gradient before projection;
     ``params``: fnmatch patterns of the parameters to differentiate (None = all);
     ``batch_size``: (sample, t, draw) rows per gradient call; ``seed``: noise seed;
     ``dtype``: store dtype ``"float32"`` or ``"float16"``; ``shard_size``: images per store shard;
@@ -104,6 +117,7 @@ class FeaturizeArgs:
     output: str = "loss"
     timesteps: TimestepPolicy = field(default_factory=TimestepPolicy)
     num_noise: int = 1
+    noise: str = "shared"
     aggregate: str = "mean"
     normalize: bool = False
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -127,6 +141,7 @@ class FeaturizeArgs:
         get_output(self.output)
         if not isinstance(self.num_noise, int) or self.num_noise < 1:
             raise ValueError(f"featurize.num_noise: expected an int >= 1, got {self.num_noise!r}")
+        check_noise_policy(self.noise, "featurize.noise")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"featurize.aggregate: {self.aggregate!r} is not one of {AGGREGATES}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -232,17 +247,25 @@ def _check_finite(values: Tensor, what: str, ids: Tensor, t: Tensor, draws: Tens
         )
 
 
-def _noisy_rows(
-    model: Any, x0: Tensor, ids: Tensor, t: Tensor, draws: Tensor, seed: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x_t, noise, t)`` on ``x0``'s device for rows ``x0`` ``(R, C, H, W)``."""
-    shape = tuple(x0.shape[1:])
-    noise = torch.stack(
+def row_noise(
+    ids: Tensor, t: Tensor, draws: Tensor, shape: tuple[int, ...], seed: int, policy: str
+) -> Tensor:
+    """The featurizer's noise ``(R, *shape)`` (float32, CPU) of rows ``(id, t, draw)``."""
+    return torch.stack(
         [
-            noise_for(seed, int(i), int(tt), int(d), shape)
+            noise_for(seed, int(i), int(tt), int(d), shape, policy)
             for i, tt, d in zip(ids.tolist(), t.tolist(), draws.tolist(), strict=True)
         ]
-    ).to(device=x0.device, dtype=x0.dtype)
+    )
+
+
+def _noisy_rows(model: Any, rows: _Rows, args: FeaturizeArgs) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_t, noise, t)`` on the rows' device for the clean images ``rows.x0`` ``(R, C, H, W)``."""
+    x0 = rows.x0
+    noise = row_noise(rows.ids, rows.t, rows.draws, tuple(x0.shape[1:]), args.seed, args.noise).to(
+        device=x0.device, dtype=x0.dtype
+    )
+    t = rows.t
     t_dev = t.to(x0.device)
     return model.scheduler.add_noise(x0, noise, t_dev), noise, t_dev
 
@@ -255,7 +278,7 @@ def _kronecker_features(
     args: FeaturizeArgs,
 ) -> Tensor:
     """Kronecker-projected features ``(R, k)`` of one chunk of rows (normalised if asked)."""
-    x_t, noise, t_dev = _noisy_rows(model, rows.x0, rows.ids, rows.t, rows.draws, args.seed)
+    x_t, noise, t_dev = _noisy_rows(model, rows, args)
     feats, sq = _kronecker_rows(
         model, proj, x_t, t_dev, noise, labels, OUTPUTS[args.output], with_norms=args.normalize
     )
@@ -274,7 +297,7 @@ def _row_grads(
     args: FeaturizeArgs,
 ) -> dict[str, Tensor]:
     """Per-row raw gradients name -> ``(R, *shape)`` (checked finite, normalised if asked)."""
-    x_t, noise, t_dev = _noisy_rows(model, rows.x0, rows.ids, rows.t, rows.draws, args.seed)
+    x_t, noise, t_dev = _noisy_rows(model, rows, args)
     grads = per_sample_grads(model, x_t, t_dev, noise, OUTPUTS[args.output], params, labels)
     sq = grad_sq_norms(grads)
     _check_finite(sq, "gradient", rows.ids, rows.t, rows.draws)
@@ -303,13 +326,15 @@ def per_step_features(
     timesteps: list[int],
     args: FeaturizeArgs,
     class_labels: Tensor | None = None,
+    keep_draws: bool = False,
 ) -> Tensor:
     """Projected per-timestep gradient features ``(B, S, k)`` (float32 or the projector dtype).
 
     ``x0``: ``(B, C, H, W)``, or ``(B, S, C, H, W)`` for a different clean image per step
-    (Journey-TRAK); ``ids``: ``(B,)`` sample ids (seed the noise); ``timesteps``: ``S`` ints in
-    ``[0, T)``; ``class_labels``: ``(B,)`` for a class-conditional model. Averaged over
-    ``args.num_noise`` draws; each raw gradient unit-normalised first if ``args.normalize``.
+    (Journey-TRAK); ``ids``: ``(B,)`` sample ids (seed per-sample noise); ``timesteps``: ``S``
+    ints in ``[0, T)``; ``class_labels``: ``(B,)`` for a class-conditional model. Averaged over
+    ``args.num_noise`` draws (``keep_draws``: not averaged, ``(B, S, D, k)``); each raw gradient
+    unit-normalised first if ``args.normalize``.
     """
     args.validate()
     ids = torch.as_tensor(ids, dtype=torch.int64).flatten().cpu()
@@ -336,7 +361,8 @@ def per_step_features(
     proj, params = build_projector(model, args)
     device = model.device
     with _eval_mode(model.unet):
-        return _features(model, proj, params, x0, ids, timesteps, args, class_labels, device)
+        feats = _features(model, proj, params, x0, ids, timesteps, args, class_labels, device)
+    return feats if keep_draws else feats.mean(dim=2)
 
 
 @contextlib.contextmanager
@@ -361,7 +387,7 @@ def _features(
     class_labels: Tensor | None,
     device: torch.device,
 ) -> Tensor:
-    """Body of :func:`per_step_features` (arguments already checked)."""
+    """Body of :func:`per_step_features` (arguments already checked): ``(B, S, D, k)``."""
     B, S, D = int(ids.shape[0]), len(timesteps), args.num_noise
     # Rows in (sample, step, draw) order.
     b_idx = torch.arange(B).repeat_interleave(S * D)
@@ -409,7 +435,7 @@ def _features(
             flush()
     flush()
     k = out[0].shape[1]
-    return torch.cat(out).reshape(B, S, D, k).mean(dim=2)
+    return torch.cat(out).reshape(B, S, D, k)
 
 
 def aggregate(feats: Tensor, how: str) -> Tensor:
@@ -421,6 +447,52 @@ def aggregate(feats: Tensor, how: str) -> Tensor:
     if how == "per-step":
         return feats
     raise ValueError(f"aggregate: {how!r} is not one of {AGGREGATES}")
+
+
+def aggregate_samples(feats: Tensor, how: str) -> Tensor:
+    """Per-draw features ``(B, S, D, k)`` -> ``(B, k)`` (``"mean"``: over draws, then steps),
+    ``(B, S, k)`` (``"per-step"``) or ``(B, 2, k)`` (``"halves"``: :func:`split_halves`)."""
+    if how == "halves":
+        halves = split_halves(feats, "mean")
+        if halves is None:
+            raise ValueError(
+                "aggregate 'halves' needs at least 2 (timestep, draw) samples per image, got "
+                f"{feats.shape[1]} x {feats.shape[2]}"
+            )
+        return torch.stack(halves, dim=1)
+    return aggregate(feats.mean(dim=2), how)
+
+
+def merge_halves(halves: Tensor, samples: int) -> Tensor:
+    """The all-sample mean ``(B, k)`` from ``"halves"`` features ``(B, 2, k)`` of ``samples``
+    (timestep, draw) samples (the first half holds the extra one when ``samples`` is odd)."""
+    a, b = (samples + 1) // 2, samples // 2
+    if a == b:
+        return halves.mean(dim=1)
+    return (a * halves[:, 0] + b * halves[:, 1]) / samples
+
+
+def split_halves(feats: Tensor, how: str) -> tuple[Tensor, Tensor] | None:
+    """Two independent halves of per-draw features ``(B, S, D, k)``, aggregated as ``how``.
+
+    ``"mean"``: the ``S * D`` (timestep, draw) samples, in timestep-major order, alternate between
+    the halves (with one draw: even and odd timesteps; with two: draw 0 and draw 1 of every
+    timestep), each half averaged -> two ``(B, k)``. ``"per-step"``: the draws of every step
+    alternate -> two ``(B, S, k)``. ``None`` when there are not two samples to split.
+    """
+    if feats.ndim != 4:
+        raise ValueError(f"split_halves: features must be (B, S, D, k), got {tuple(feats.shape)}")
+    B, S, D, k = feats.shape
+    if how == "mean":
+        if S * D < 2:
+            return None
+        rows = feats.reshape(B, S * D, k)
+        return rows[:, 0::2].mean(dim=1), rows[:, 1::2].mean(dim=1)
+    if how == "per-step":
+        if D < 2:
+            return None
+        return feats[:, :, 0::2].mean(dim=2), feats[:, :, 1::2].mean(dim=2)
+    raise ValueError(f"split_halves: {how!r} is not one of {AGGREGATES}")
 
 
 # ------------------------------------------------------------------------------- whole data sets
@@ -448,6 +520,7 @@ def store_identity(
         "timesteps": args.timesteps.timesteps(),
         "timestep_policy": to_jsonable(args.timesteps),
         "num_noise": args.num_noise,
+        "noise": args.noise,
         "aggregate": args.aggregate,
         "normalize": args.normalize,
         "projector": args.projector.to_dict(),
@@ -480,7 +553,8 @@ def featurize(
     on disk are skipped, so rerunning after a kill computes only the missing ones. With an
     ``accelerator`` (``accelerate.Accelerator``) of ``world`` processes, shard ``i`` is computed by
     process ``i % world``; process 0 then checks every shard and marks the store complete.
-    Returns the opened store (features ``(n, k)``, or ``(n, S, k)`` for ``aggregate="per-step"``).
+    Returns the opened store (features ``(n, k)``, ``(n, S, k)`` for ``aggregate="per-step"``,
+    ``(n, 2, k)`` for ``"halves"``).
     ``on_shard(i)`` is called after shard ``i`` is written (tests use it to simulate a kill).
     Raises :class:`StoreMismatchError` when ``out`` holds a store made otherwise.
     """
@@ -500,7 +574,13 @@ def featurize(
     n = len(data)
     timesteps = args.timesteps.timesteps()
     proj, _ = build_projector(model, args)
-    fshape = (n, proj.dim) if args.aggregate == "mean" else (n, len(timesteps), proj.dim)
+    fshape = {
+        "mean": (n, proj.dim),
+        "per-step": (n, len(timesteps), proj.dim),
+        "halves": (n, 2, proj.dim),
+    }[args.aggregate]
+    if args.aggregate == "halves" and len(timesteps) * args.num_noise < 2:
+        raise ValueError("featurize: aggregate 'halves' needs at least 2 (timestep, draw) samples")
     identity = store_identity(model, data, args, proj, fshape)
 
     # Process 0 creates (or checks) the folder first so the others never race to create it.
@@ -538,8 +618,10 @@ def featurize(
     ):
         sl = slice(starts[i], starts[i] + shard_rows[i])
         labels = data.labels[sl] if use_labels and data.labels is not None else None
-        feats = per_step_features(model, data.images[sl], data.ids[sl], timesteps, args, labels)
-        feats = aggregate(feats, args.aggregate).to(torch.float32).cpu()
+        feats = per_step_features(
+            model, data.images[sl], data.ids[sl], timesteps, args, labels, keep_draws=True
+        )
+        feats = aggregate_samples(feats, args.aggregate).to(torch.float32).cpu()
         if store_dtype == torch.float16 and bool((feats.abs() > 65504).any()):
             raise ValueError(
                 f"featurize: features of shard {i} exceed the float16 range (max |value| "

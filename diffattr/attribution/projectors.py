@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffattr.errors import OptionError
 from diffattr.repro import derive_seed, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class ProjectorConfig:
     """How gradients are projected. ``dim``: target ``k`` (ignored by identity);
     ``block_size``: rows of the dense matrix generated at a time; ``dtype``: projection dtype."""
 
-    kind: str = "gaussian"
+    kind: str = "kronecker"
     dim: int = 2048
     seed: int = 0
     block_size: int = 8192
@@ -281,7 +282,7 @@ class KroneckerLayer:
 def split_dims(dim: int, sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """``(k_in, k_out)`` per layer for layer sizes ``(d_in, d_out)``; rule in the module docstring."""
     if dim < len(sizes):
-        raise ValueError(
+        raise OptionError(
             f"projector.dim: the kronecker projector needs dim >= the number of layers "
             f"({len(sizes)}), got {dim}"
         )

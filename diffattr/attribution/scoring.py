@@ -25,11 +25,16 @@ i.e. one hundredth of the mean eigenvalue of ``G``. Why this rule:
   well are barely damped, so the scores stay close to TRAK's ``(Phi^T Phi)^{-1}`` kernel.
 
 D-TRAK and DAS tune ``lambda`` by sweeping it against LDS; pass ``lam`` explicitly to do that.
+
+Every scorer handles the query rows **one at a time** (:func:`per_query`): BLAS kernels may sum in
+another order for another number of right-hand sides, so scoring queries together could make a
+query's scores depend, in the last bits, on which other queries came with it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -62,6 +67,13 @@ def _check_pair(train: Tensor, query: Tensor) -> None:
         raise ValueError("training features contain NaN or inf")
     if not bool(torch.isfinite(query).all()):
         raise ValueError("query features contain NaN or inf")
+
+
+def per_query(query_feats: Tensor, one: Callable[[Tensor], Tensor]) -> Tensor:
+    """``one`` applied to each query row ``(1, k)`` alone, results stacked along dim 0."""
+    if query_feats.shape[0] == 0:
+        return one(query_feats)
+    return torch.cat([one(query_feats[j : j + 1].clone()) for j in range(query_feats.shape[0])])
 
 
 def _check_block(block: int) -> None:
@@ -151,13 +163,14 @@ class TrakKernel:
         """``phi_q^T (Phi^T Phi + lam I)^{-1} phi_i`` for every query and training row."""
         q = _as_tensor(query_feats, "query_feats", 2).to(self.phi.device)
         _check_pair(self.phi, q)
-        w = torch.cholesky_solve(q.T.to(torch.float64), self.chol)  # (k, m)
-        out = torch.empty(
-            q.shape[0], self.phi.shape[0], dtype=torch.float32, device=self.phi.device
-        )
+        return per_query(q, self._scores_one)
+
+    def _scores_one(self, q: Tensor) -> Tensor:
+        w = torch.cholesky_solve(q.T.to(self.device, torch.float64), self.chol)  # (k, 1)
+        out = torch.empty(1, self.phi.shape[0], dtype=torch.float32, device=self.phi.device)
         for start in range(0, self.phi.shape[0], self.block):
-            rows = self.phi[start : start + self.block].to(torch.float64)
-            out[:, start : start + rows.shape[0]] = (rows @ w).T.to(torch.float32)
+            rows = self.phi[start : start + self.block].to(self.device, torch.float64)
+            out[:, start : start + rows.shape[0]] = (rows @ w).T.to(self.phi.device, torch.float32)
         return out
 
 
@@ -187,12 +200,17 @@ def trak_scores_lambda_path(
             raise ValueError(f"lambda path: every lambda must be finite and > 0, got {lam!r}")
     dev = phi.device if device is None else torch.device(device)
     s, v = torch.linalg.eigh(gram(phi, block, dev))  # (k,), (k, k) float64
-    qv = q.to(dev, torch.float64) @ v  # (m, k)
     pv = torch.cat(
         [phi[i : i + block].to(dev, torch.float64) @ v for i in range(0, phi.shape[0], block)]
     )  # (n, k)
     s = s.clamp(min=0.0)  # eigh can return tiny negatives for a PSD matrix
-    return [((qv / (s + lam)) @ pv.T).to(phi.device, torch.float32) for lam in lams]
+
+    def one(row: Tensor) -> Tensor:  # (1, k) -> (L, n): every lambda for this query
+        qv = row.to(dev, torch.float64) @ v
+        return torch.cat([(qv / (s + lam)) @ pv.T for lam in lams])
+
+    path = per_query(q, lambda row: one(row)[None])  # (m, L, n)
+    return [path[:, i].to(phi.device, torch.float32) for i in range(len(lams))]
 
 
 def trak_scores(
@@ -250,12 +268,16 @@ def dot_scores(
     q = _as_tensor(query_feats, "query_feats", 2).to(phi.device)
     _check_pair(phi, q)
     _check_block(block)
-    q64 = q.to(torch.float64)
-    out = torch.empty(q.shape[0], phi.shape[0], dtype=torch.float32, device=phi.device)
-    for start in range(0, phi.shape[0], block):
-        rows = phi[start : start + block].to(torch.float64)
-        out[:, start : start + rows.shape[0]] = (q64 @ rows.T).to(torch.float32)
-    return out
+
+    def one(row: Tensor) -> Tensor:
+        q64 = row.to(torch.float64)
+        out = torch.empty(1, phi.shape[0], dtype=torch.float32, device=phi.device)
+        for start in range(0, phi.shape[0], block):
+            rows = phi[start : start + block].to(torch.float64)
+            out[:, start : start + rows.shape[0]] = (q64 @ rows.T).to(torch.float32)
+        return out
+
+    return per_query(q, one)
 
 
 def unit_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -275,9 +297,13 @@ def cosine_scores(
     q = _as_tensor(query_feats, "query_feats", 2).to(phi.device)
     _check_pair(phi, q)
     _check_block(block)
-    qn = unit_rows(q, eps)
-    out = torch.empty(q.shape[0], phi.shape[0], dtype=torch.float32, device=phi.device)
-    for start in range(0, phi.shape[0], block):
-        rows = unit_rows(phi[start : start + block], eps)
-        out[:, start : start + rows.shape[0]] = (qn @ rows.T).to(torch.float32)
-    return out
+
+    def one(row: Tensor) -> Tensor:
+        qn = unit_rows(row, eps)
+        out = torch.empty(1, phi.shape[0], dtype=torch.float32, device=phi.device)
+        for start in range(0, phi.shape[0], block):
+            rows = unit_rows(phi[start : start + block], eps)
+            out[:, start : start + rows.shape[0]] = (qn @ rows.T).to(torch.float32)
+        return out
+
+    return per_query(q, one)

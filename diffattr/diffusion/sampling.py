@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from diffattr.attribution.base import Trajectory
 from diffattr.data.images import make_grid, save_image, save_images
 from diffattr.diffusion.model import DiffusionModel
+from diffattr.errors import OptionError
 from diffattr.repro import derive_seed, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,8 @@ def sample(
     Same arguments give bit-identical images on the same device. ``batch_size`` never changes a
     random draw; only the UNet's own float kernels may round differently per batch size (~1e-6).
     """
-    if n < 1:
-        raise ValueError(f"n must be positive, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise OptionError(f"n: the number of images must be an integer >= 1, got {n!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     shape = model.image_shape

@@ -14,6 +14,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffattr.attribution.base import Queries, Scores
-from diffattr.attribution.featurize import FeaturizeArgs, aggregate, featurize, per_step_features
+from diffattr.attribution.featurize import (
+    FeaturizeArgs,
+    aggregate,
+    featurize,
+    merge_halves,
+    per_step_features,
+    split_halves,
+)
 from diffattr.attribution.projectors import PROJECTOR_KINDS, ProjectorConfig
-from diffattr.attribution.timesteps import TimestepPolicy
+from diffattr.attribution.timesteps import TimestepPolicy, check_noise_policy
 from diffattr.data.dataset import ImageDataset
 from diffattr.repro import derive_seed, to_jsonable
 
@@ -42,24 +50,35 @@ def _positive_int(value: Any, what: str) -> None:
 class BaseGradOptions:
     """Gradient settings every gradient method shares.
 
-    ``num_noise``: noise draws averaged per timestep (training features). ``projector`` /
-    ``proj_dim`` / ``proj_seed``: the random projection of gradients to ``proj_dim`` dimensions
-    (``identity`` keeps all of them). ``params``: fnmatch patterns of the UNet parameters to
-    differentiate (None: all). ``batch_size``: gradient rows per call. ``seed``: seeds the noise.
+    ``num_noise``: noise draws averaged per timestep (training features). ``noise``: ``shared``
+    (every image gets the same noise at a given (seed, timestep, draw), D-TRAK's protocol) or
+    ``per-sample`` (independent noise per image). ``projector`` / ``proj_dim`` / ``proj_seed``: the
+    random projection of gradients to ``proj_dim`` dimensions (``kronecker``: the fast
+    layer-factored one; ``gaussian`` / ``rademacher``: dense; ``identity`` keeps all of them).
+    ``params``: fnmatch patterns of the UNet parameters to differentiate (None: all).
+    ``batch_size``: gradient rows per call. ``seed``: seeds the noise. ``stability``: also score
+    with two independent halves of the (timestep, noise) samples, training and query side alike,
+    and report how far their rankings agree (:class:`~diffattr.attribution.base.Stability`);
+    the store then keeps the two half means (twice the disk) and the kernel is built three times.
     """
 
     num_noise: int = 1
-    projector: str = "gaussian"
+    noise: str = "shared"
+    projector: str = "kronecker"
     proj_dim: int = 2048
     proj_seed: int = 0
     params: list[str] | None = None
     batch_size: int = 16
     seed: int = 0
+    stability: bool = True
 
     def __post_init__(self) -> None:
         _positive_int(self.num_noise, "num_noise")
+        if not isinstance(self.stability, bool):
+            raise ValueError(f"stability: expected true or false, got {self.stability!r}")
         _positive_int(self.proj_dim, "proj_dim")
         _positive_int(self.batch_size, "batch_size")
+        check_noise_policy(self.noise)
         if self.projector not in PROJECTOR_KINDS:
             raise ValueError(
                 f"projector: {self.projector!r} is unknown; expected one of {PROJECTOR_KINDS}"
@@ -89,16 +108,33 @@ def _check_lambda(lam: float | None, lambda_scale: float) -> None:
 
 @dataclass
 class GradientOptions(BaseGradOptions):
-    """Plus the timesteps: ``timesteps`` evenly spaced ones (``timestep_kind="uniform"``) or drawn
-    at random (``"random"``); ``timestep_values`` gives an explicit list instead."""
+    """Plus the timesteps: ``timesteps`` evenly spaced ones in ``[t_min, T)``
+    (``timestep_kind="uniform"``) or drawn at random (``"random"``); ``timestep_values`` gives an
+    explicit list instead.
+
+    Query budget: queries are few, so their features may average more samples than the training
+    features: ``query_timesteps`` timesteps (same kind and range; None: ``timesteps``) times
+    ``query_num_noise`` draws (None: ``num_noise``). Under shared noise the query's samples include
+    the training samples' (timestep, noise) pairs when ``query_timesteps`` is a multiple of
+    ``timesteps`` and ``query_num_noise >= num_noise``.
+    """
 
     timesteps: int = 10
     timestep_kind: str = "uniform"
     timestep_values: list[int] | None = None
+    t_min: int = 0
+    query_timesteps: int | None = None
+    query_num_noise: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive_int(self.timesteps, "timesteps")
+        if isinstance(self.t_min, bool) or not isinstance(self.t_min, int) or self.t_min < 0:
+            raise ValueError(f"t_min: expected an int >= 0, got {self.t_min!r}")
+        if self.query_timesteps is not None:
+            _positive_int(self.query_timesteps, "query_timesteps")
+        if self.query_num_noise is not None:
+            _positive_int(self.query_num_noise, "query_num_noise")
         if self.timestep_kind not in ("uniform", "random", "list"):
             raise ValueError(
                 f"timestep_kind: {self.timestep_kind!r} is unknown; expected uniform, random or list"
@@ -108,15 +144,28 @@ class GradientOptions(BaseGradOptions):
             self.timestep_kind = "list"
         elif self.timestep_kind == "list":
             raise ValueError("timestep_values: timestep_kind 'list' needs timestep_values")
+        if self.timestep_kind == "list" and self.query_timesteps is not None:
+            raise ValueError("query_timesteps: not available with an explicit timestep_values list")
 
-    def timestep_policy(self, num_train_timesteps: int) -> TimestepPolicy:
+    def timestep_policy(self, num_train_timesteps: int, query: bool = False) -> TimestepPolicy:
+        """The training (or, with ``query``, the query) timesteps."""
+        count = self.timesteps
+        if query and self.query_timesteps is not None:
+            count = self.query_timesteps
         return TimestepPolicy(
             kind=self.timestep_kind,
-            count=self.timesteps,
+            count=count,
             values=self.timestep_values,
             seed=self.seed,
             num_train_timesteps=num_train_timesteps,
+            t_min=self.t_min,
         )
+
+    def draws(self, query: bool = False) -> int:
+        """Noise draws per timestep for training (or query) features."""
+        if query and self.query_num_noise is not None:
+            return self.query_num_noise
+        return self.num_noise
 
 
 @dataclass
@@ -139,24 +188,35 @@ def make_featurize_args(
     output: str,
     label: str,
     normalize: bool = False,
-    aggregate_how: str = "mean",
+    aggregate_how: str | None = None,
     timesteps: list[int] | None = None,
     num_noise: int | None = None,
+    query: bool = False,
 ) -> FeaturizeArgs:
-    """The engine's :class:`FeaturizeArgs` for these options (``timesteps`` overrides the policy)."""
+    """The engine's :class:`FeaturizeArgs` for these options: the training budget, or with
+    ``query`` the query budget (``timesteps`` / ``num_noise`` override both).
+
+    ``aggregate_how`` None: ``"halves"`` for training features when ``opts.stability`` asks for
+    the stability figure and there are two samples to split, else ``"mean"``."""
     T = int(model.scheduler.config.num_train_timesteps)
     if timesteps is not None:
         policy = TimestepPolicy(
             kind="list", values=[int(t) for t in timesteps], num_train_timesteps=T
         )
     elif isinstance(opts, GradientOptions):
-        policy = opts.timestep_policy(T)
+        policy = opts.timestep_policy(T, query=query)
     else:
         raise ValueError(f"{label}: timesteps must be given explicitly for these options")
+    if num_noise is None:
+        num_noise = opts.draws(query) if isinstance(opts, GradientOptions) else opts.num_noise
+    if aggregate_how is None:
+        samples = len(policy.timesteps()) * num_noise
+        aggregate_how = "halves" if opts.stability and not query and samples >= 2 else "mean"
     return FeaturizeArgs(
         output=output,
         timesteps=policy,
-        num_noise=opts.num_noise if num_noise is None else num_noise,
+        num_noise=num_noise,
+        noise=opts.noise,
         aggregate=aggregate_how,
         normalize=normalize,
         projector=ProjectorConfig(kind=opts.projector, dim=opts.proj_dim, seed=opts.proj_seed),
@@ -173,9 +233,17 @@ def short_hash(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def query_ids(names: list[str]) -> Tensor:
-    """A stable int64 id per query name, so a query's noise never depends on its batch-mates."""
-    return torch.tensor([derive_seed("query", n) >> 2 for n in names], dtype=torch.int64)
+def content_ids(images: Tensor) -> Tensor:
+    """A stable int64 id per image ``(m, C, H, W)`` from its pixels (float32 bytes).
+
+    Seeds a query's noise under the ``per-sample`` policy, so it depends on what the image shows,
+    never on its file name or on the other queries scored with it.
+    """
+    ids = []
+    for img in images.detach().to("cpu", torch.float32).contiguous():
+        digest = hashlib.sha256(img.numpy().tobytes()).hexdigest()
+        ids.append(derive_seed("query", digest) >> 2)
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def labels_for(model: Any, labels: Tensor | None, n: int, what: str) -> Tensor | None:
@@ -233,7 +301,7 @@ def train_features(
     folder: Path,
     progress: bool,
 ) -> Tensor:
-    """Training features in ``train.ids`` order, ``(n, k)`` or ``(n, S, k)`` float32.
+    """Training features in ``train.ids`` order, ``(n, k)``, ``(n, S, k)`` or ``(n, 2, k)`` float32.
 
     Featurizes into ``folder`` (resuming / reusing what is there) via the engine's ``featurize``.
     """
@@ -250,29 +318,45 @@ def train_features(
     return feats
 
 
+@dataclass
+class QueryFeatures:
+    """Query features ``full`` ``(m, k)`` (or ``(m, S, k)``) and the same from two independent
+    halves of each query's samples (``None`` when there is only one sample to split)."""
+
+    full: Tensor
+    halves: tuple[Tensor, Tensor] | None
+
+
 def featurize_images(
     model: Any,
     images: Tensor,
-    ids: Tensor,
     labels: Tensor | None,
     timesteps: list[int],
     args: FeaturizeArgs,
     how: str,
     progress: bool = False,
-) -> Tensor:
+) -> QueryFeatures:
     """In-memory features of ``images`` ``(m, C, H, W)`` or ``(m, S, C, H, W)``.
 
-    Returns ``(m, k)`` (``how="mean"``) or ``(m, S, k)`` (``"per-step"``), float32 on CPU.
+    ``full``: ``(m, k)`` (``how="mean"``) or ``(m, S, k)`` (``"per-step"``), float32 on CPU, plus
+    the two halves (:func:`~diffattr.attribution.featurize.split_halves`). Each image is
+    featurized alone (its own gradient batches), so its features are bit-identical whatever other
+    images, names or positions come with it.
     """
-    out = []
-    starts = range(0, images.shape[0], args.batch_size)
-    for start in tqdm(starts, desc="query features", disable=not progress, leave=False):
-        sl = slice(start, start + args.batch_size)
-        x = images[sl].to(model.device)
-        y = None if labels is None else labels[sl].to(model.device)
-        f = per_step_features(model, x, ids[sl], timesteps, args, class_labels=y)
-        out.append(aggregate(f, how).detach().to("cpu", torch.float32))
-    return torch.cat(out)
+    ids = content_ids(images.reshape(images.shape[0], -1, *images.shape[-2:]))
+    full, half_a, half_b = [], [], []
+    for j in tqdm(range(images.shape[0]), desc="query features", disable=not progress, leave=False):
+        x = images[j : j + 1].to(model.device)
+        y = None if labels is None else labels[j : j + 1].to(model.device)
+        f = per_step_features(model, x, ids[j : j + 1], timesteps, args, y, keep_draws=True)
+        f = f.detach().to("cpu", torch.float32)
+        full.append(aggregate(f.mean(dim=2), how))
+        halves = split_halves(f, how)
+        if halves is not None:
+            half_a.append(halves[0])
+            half_b.append(halves[1])
+    both = (torch.cat(half_a), torch.cat(half_b)) if half_a else None
+    return QueryFeatures(torch.cat(full), both)
 
 
 class GradientAttributor:
@@ -300,12 +384,25 @@ class GradientAttributor:
         return self.train
 
 
+Scorer = Callable[[Tensor], Tensor]
+
+
+def train_parts(feats: Tensor, args: FeaturizeArgs) -> tuple[Tensor, list[Tensor] | None]:
+    """Training features as ``(full (n, k), [half 0, half 1] or None)`` from a store read with
+    ``args`` (``"halves"`` stores keep the two half means; the full mean is derived)."""
+    if args.aggregate != "halves":
+        return feats, None
+    samples = len(args.timesteps.timesteps()) * args.num_noise
+    return merge_halves(feats, samples), [feats[:, 0], feats[:, 1]]
+
+
 class FeatureAttributor(GradientAttributor):
     """Featurize train into a store, featurize queries in memory, score with a kernel.
 
-    Subclasses set ``name`` and implement :meth:`train_args`, :meth:`prepare` (build the kernel
-    from training features) and :meth:`kernel_scores`; :meth:`query_args` defaults to the
-    training settings.
+    Subclasses set ``name`` and implement :meth:`train_args` and :meth:`build` (a scorer from
+    training features); :meth:`query_args` defaults to the training settings with the query
+    budget. With ``options.stability`` the store keeps two half-sample means and :meth:`build`
+    also makes a scorer per half, so every score comes with its stability figure.
     """
 
     name: str = "feature"
@@ -315,37 +412,48 @@ class FeatureAttributor(GradientAttributor):
         raise NotImplementedError
 
     def query_args(self) -> FeaturizeArgs:
-        return self.train_args()
+        """The query budget: the training settings with the options' query timesteps / draws."""
+        args = dataclasses.replace(self.train_args(), aggregate="mean")
+        opts = self.options
+        if not isinstance(opts, GradientOptions):
+            return args
+        T = int(self.model.scheduler.config.num_train_timesteps)
+        return dataclasses.replace(
+            args, timesteps=opts.timestep_policy(T, query=True), num_noise=opts.draws(query=True)
+        )
 
-    def prepare(self, train_feats: Tensor, train: ImageDataset) -> None:
-        raise NotImplementedError
-
-    def kernel_scores(self, query_feats: Tensor) -> Tensor:
+    def build(self, train_feats: Tensor, train: ImageDataset, part: int | None) -> Scorer:
+        """A scorer ``(m, k) -> (m, n)`` from training features ``(n, k)`` of all samples
+        (``part`` None) or of half ``part`` (0 or 1) of them."""
         raise NotImplementedError
 
     # -- protocol
     def fit(self, train: ImageDataset) -> None:
-        """Featurize ``train`` (or reuse its store) and build the kernel."""
+        """Featurize ``train`` (or reuse its store) and build the kernel(s)."""
         self.check_train(train)
         args = self.train_args()
         folder = store_folder(self.work, self.name, args, self.model, train)
+        self.store_dir = folder
         t0 = time.perf_counter()
         feats = train_features(self.model, train, args, folder, self.progress)
         self.timing["featurize_train_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.prepare(feats, train)
+        full, halves = train_parts(feats, args)
+        self.scorer = self.build(full, train, None)
+        self.half_scorers = (
+            None if halves is None else [self.build(h, train, i) for i, h in enumerate(halves)]
+        )
         self.timing["prepare_s"] = time.perf_counter() - t0
         self.info["store"] = None if self.work.temporary else str(folder)
         self.train = train
 
-    def query_features(self, queries: Queries) -> Tensor:
-        """``(m, k)`` query features (timed in ``timing["featurize_queries_s"]``)."""
+    def query_features(self, queries: Queries) -> QueryFeatures:
+        """``(m, k)`` query features and halves (timed in ``timing["featurize_queries_s"]``)."""
         args = self.query_args()
         t0 = time.perf_counter()
         q = featurize_images(
             self.model,
             queries.images,
-            query_ids(queries.names),
             labels_for(self.model, queries.labels, len(queries), "queries"),
             args.timesteps.timesteps(),
             args,
@@ -359,9 +467,12 @@ class FeatureAttributor(GradientAttributor):
         train = self.require_fit()
         q = self.query_features(queries)
         t0 = time.perf_counter()
-        values = self.kernel_scores(q)
+        values = self.scorer(q.full)
+        halves = None
+        if self.half_scorers is not None and q.halves is not None:
+            halves = [f(h) for f, h in zip(self.half_scorers, q.halves, strict=True)]
         self.timing["score_s"] = time.perf_counter() - t0
-        return make_scores(self, train, queries, values)
+        return make_scores(self, train, queries, values, halves=halves)
 
     def config(self) -> dict[str, Any]:
         """Options + what was derived (lambda, timesteps) + timing, all JSON-able."""
@@ -380,8 +491,11 @@ def make_scores(
     values: Tensor | np.ndarray,
     per_step: Tensor | np.ndarray | None = None,
     step_timesteps: Tensor | np.ndarray | None = None,
+    halves: list[Tensor] | None = None,
 ) -> Scores:
-    """A :class:`Scores` with columns in ``train.ids`` order and the method's config."""
+    """A :class:`Scores` with columns in ``train.ids`` order and the method's config.
+
+    ``halves``: the two half-budget score tables ``(m, n)`` each (the stability figure)."""
     return Scores(
         values=np.asarray(torch.as_tensor(values, dtype=torch.float32).cpu().numpy()),
         train_ids=train.ids.cpu().numpy(),
@@ -394,4 +508,7 @@ def make_scores(
         step_timesteps=None
         if step_timesteps is None
         else np.asarray(torch.as_tensor(step_timesteps, dtype=torch.int64).cpu().numpy()),
+        halves=None
+        if halves is None
+        else np.stack([torch.as_tensor(h, dtype=torch.float32).cpu().numpy() for h in halves]),
     )

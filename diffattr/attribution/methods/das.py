@@ -41,20 +41,25 @@ Approximations, stated plainly:
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from diffattr.attribution.featurize import FeaturizeArgs
+from diffattr.attribution.featurize import FeaturizeArgs, row_noise
 from diffattr.attribution.methods.common import labels_for
 from diffattr.attribution.methods.trak import TrakKernelAttributor, TrakOptions
 from diffattr.attribution.outputs import OUTPUTS
-from diffattr.attribution.timesteps import noise_for
 from diffattr.data.dataset import ImageDataset
 
 RESIDUALS = ("rms", "none")
+RESIDUAL_FILE = "das_residuals.safetensors"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,31 +81,39 @@ class DASOptions(TrakOptions):
 
 
 @torch.no_grad()
-def residual_norms(
+def residual_errors(
     model: Any, data: ImageDataset, timesteps: list[int], args: FeaturizeArgs
 ) -> Tensor:
-    """``r_i`` ``(n,)`` float64: mean over timesteps and draws of the RMS denoising error.
+    """RMS denoising error per (image, timestep, draw): ``(n, S, D)`` float64.
 
-    Uses the featurizer's noise (``noise_for(seed, id, t, draw)``) so ``r_i`` is measured at exactly
-    the noisy inputs the features were taken at.
+    Uses the featurizer's noise (:func:`~diffattr.attribution.featurize.row_noise`) so the errors
+    are measured at exactly the noisy inputs the features were taken at.
     """
     shape = tuple(data.images.shape[1:])
     labels_all = labels_for(model, data.labels, len(data), "training set")
-    rows = [(j, t, d) for j in range(len(data)) for t in timesteps for d in range(args.num_noise)]
-    total = torch.zeros(len(data), dtype=torch.float64)
+    S, D = len(timesteps), args.num_noise
+    rows = [(j, s, d) for j in range(len(data)) for s in range(S) for d in range(D)]
+    out = torch.zeros(len(data), S, D, dtype=torch.float64)
     for r0 in range(0, len(rows), args.batch_size):
         chunk = rows[r0 : r0 + args.batch_size]
         idx = torch.tensor([j for j, _, _ in chunk])
-        tt = torch.tensor([t for _, t, _ in chunk], dtype=torch.int64)
-        noise = torch.stack(
-            [noise_for(args.seed, int(data.ids[j]), t, d, shape) for j, t, d in chunk]
-        ).to(model.device)
+        si = torch.tensor([s for _, s, _ in chunk])
+        di = torch.tensor([d for _, _, d in chunk], dtype=torch.int64)
+        tt = torch.tensor([timesteps[s] for _, s, _ in chunk], dtype=torch.int64)
+        noise = row_noise(data.ids[idx], tt, di, shape, args.seed, args.noise).to(model.device)
         x0 = data.images[idx].to(model.device)
         x_t = model.scheduler.add_noise(x0, noise, tt.to(model.device))
         y = None if labels_all is None else labels_all[idx].to(model.device)
         err = (model.eps(x_t, tt.to(model.device), y).float() - noise).pow(2).flatten(1).mean(1)
-        total.index_add_(0, idx, err.sqrt().to("cpu", torch.float64))
-    return total / (len(timesteps) * args.num_noise)
+        out[idx, si, di] = err.sqrt().to("cpu", torch.float64)
+    return out
+
+
+def residual_norms(
+    model: Any, data: ImageDataset, timesteps: list[int], args: FeaturizeArgs
+) -> Tensor:
+    """``r_i`` ``(n,)`` float64: mean over timesteps and draws of the RMS denoising error."""
+    return residual_errors(model, data, timesteps, args).mean(dim=(1, 2))
 
 
 class DAS(TrakKernelAttributor):
@@ -109,16 +122,42 @@ class DAS(TrakKernelAttributor):
     name: str = "das"
     normalize: ClassVar[bool] = True
 
+    def __init__(self, model: Any, work_dir: Path | None, options: Any, progress: bool = False):
+        super().__init__(model, work_dir, options, progress)
+        self._errors: tuple[Tensor, Tensor] | None = None  # (training ids, their errors)
+
     def output_name(self) -> str:
         return str(self.options.output)
 
-    def prepare(self, train_feats: Tensor, train: ImageDataset) -> None:
-        super().prepare(train_feats, train)
-        if self.options.residual == "rms":
-            args = self.train_args()
-            self.residual = residual_norms(self.model, train, args.timesteps.timesteps(), args)
-        else:
-            self.residual = torch.ones(len(train), dtype=torch.float64)
+    def train_weights(self, train: ImageDataset, part: int | None) -> Tensor | None:
+        """``r_i`` over the same samples as the features (all of them, or half ``part``)."""
+        if self.options.residual == "none":
+            return None
+        errors = self._cached_errors(train)  # (n, S, D)
+        rows = errors.reshape(errors.shape[0], -1)
+        return rows.mean(dim=1) if part is None else rows[:, part::2].mean(dim=1)
 
-    def weight_scores(self, base: Tensor) -> Tensor:
-        return (base.to(torch.float64) * self.residual[None, :]).to(torch.float32)
+    def _cached_errors(self, train: ImageDataset) -> Tensor:
+        """:func:`residual_errors` of ``train``, kept beside the feature store (same settings,
+        model and data decide both), so reopening a fitted folder does not forward the training
+        set again."""
+        if self._errors is not None and self._errors[0] is train.ids:
+            return self._errors[1]
+        args = self.train_args()
+        path = None if self.work.temporary else self.store_dir / RESIDUAL_FILE
+        errors = None
+        if path is not None and path.exists():
+            saved = load_file(str(path))
+            if torch.equal(saved["ids"], train.ids.to(torch.int64)):
+                errors = saved["errors"]
+            else:
+                log.warning("%s: saved for other training ids; recomputing", path)
+        if errors is None:
+            errors = residual_errors(self.model, train, args.timesteps.timesteps(), args)
+            if path is not None:
+                tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+                ids = train.ids.to(torch.int64).contiguous()
+                save_file({"errors": errors.contiguous(), "ids": ids}, str(tmp))
+                os.replace(tmp, path)
+        self._errors = (train.ids, errors)
+        return errors

@@ -41,17 +41,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffattr.attribution.base import Queries, Scores, Trajectory
-from diffattr.attribution.featurize import FeaturizeArgs, per_step_features
+from diffattr.attribution.featurize import FeaturizeArgs, per_step_features, split_halves
 from diffattr.attribution.methods.common import (
     BaseGradOptions,
     GradientAttributor,
+    QueryFeatures,
     _check_lambda,
     _positive_int,
+    content_ids,
     kernel_device,
     labels_for,
     make_featurize_args,
     make_scores,
-    query_ids,
     store_folder,
     train_features,
 )
@@ -65,7 +66,8 @@ class JourneyOptions(BaseGradOptions):
     """``step_stride``: use every k-th trajectory step. ``query_draws``: noise draws per step for
     the query output. ``clip_x0``: clip ``x0_hat`` to ``[-1, 1]``. ``trajectory_timesteps``: the
     sampler's full timestep list, to featurize the training set already in ``fit``.
-    ``lam`` / ``lambda_scale``: the per-step TRAK ridge (see scoring.py)."""
+    ``lam`` / ``lambda_scale``: the per-step TRAK ridge (see scoring.py). ``stability``: here the
+    two halves split only the query's ``query_draws`` (needs 2 or more), not the training side."""
 
     step_stride: int = 1
     query_draws: int = 4
@@ -192,13 +194,15 @@ class JourneyTrak(GradientAttributor):
         steps = self.step_indices(int(first.shape[0]))
         return steps, [int(first[i]) for i in steps]
 
-    def query_features(self, queries: Queries, steps: list[int], timesteps: list[int]) -> Tensor:
-        """``(m, S, k)`` per-step query features."""
+    def query_features(
+        self, queries: Queries, steps: list[int], timesteps: list[int]
+    ) -> QueryFeatures:
+        """``(m, S, k)`` per-step query features (and the halves of their ``query_draws``)."""
         assert queries.trajectories is not None
         args = self.query_args(timesteps)
-        ids = query_ids(queries.names)
+        ids = content_ids(queries.images)
         labels = labels_for(self.model, queries.labels, len(queries), "queries")
-        out = []
+        out, half_a, half_b = [], [], []
         trajs = enumerate(queries.trajectories)
         for j, traj in tqdm(
             trajs,
@@ -209,11 +213,20 @@ class JourneyTrak(GradientAttributor):
         ):
             x0 = predicted_x0(self.model, traj, steps, self.options.clip_x0)[None]
             y = None if labels is None else labels[j : j + 1].to(self.model.device)
-            f = per_step_features(
-                self.model, x0.to(self.model.device), ids[j : j + 1], timesteps, args, y
+            f = (
+                per_step_features(
+                    self.model, x0.to(self.model.device), ids[j : j + 1], timesteps, args, y, True
+                )
+                .detach()
+                .to("cpu", torch.float32)
             )
-            out.append(f.detach().to("cpu", torch.float32))
-        return torch.cat(out)
+            out.append(f.mean(dim=2))
+            halves = split_halves(f, "per-step")
+            if halves is not None:
+                half_a.append(halves[0])
+                half_b.append(halves[1])
+        both = (torch.cat(half_a), torch.cat(half_b)) if half_a else None
+        return QueryFeatures(torch.cat(out), both)
 
     def score(self, queries: Queries) -> Scores:
         train = self.require_fit()
@@ -222,7 +235,14 @@ class JourneyTrak(GradientAttributor):
         t0 = time.perf_counter()
         q = self.query_features(queries, steps, timesteps)
         t1 = time.perf_counter()
-        per_step = torch.stack([kernels[s].scores(q[:, s]) for s in range(len(timesteps))])
+
+        def per_step_scores(feats: Tensor) -> Tensor:  # (m, S, k) -> (S, m, n)
+            return torch.stack([kernels[s].scores(feats[:, s]) for s in range(len(timesteps))])
+
+        per_step = per_step_scores(q.full)
+        halves = None
+        if q.halves is not None and self.options.stability:
+            halves = [per_step_scores(h).to(torch.float64).mean(dim=0) for h in q.halves]
         self.timing["featurize_queries_s"] = t1 - t0
         self.timing["score_s"] = time.perf_counter() - t1
         self._last_lambdas = [k.lam for k in kernels]
@@ -234,6 +254,7 @@ class JourneyTrak(GradientAttributor):
             values,
             per_step=per_step,
             step_timesteps=torch.tensor(timesteps, dtype=torch.int64),
+            halves=halves,
         )
 
     def config(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ averaged over timesteps (and noise draws), randomly projected.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +38,14 @@ from diffattr.attribution.methods.common import (
     FeatureAttributor,
     GradientAttributor,
     GradientOptions,
+    Scorer,
     featurize_images,
     labels_for,
     make_featurize_args,
     make_scores,
-    query_ids,
     store_folder,
     train_features,
+    train_parts,
 )
 from diffattr.attribution.scoring import cosine_scores, dot_scores
 from diffattr.data.dataset import ImageDataset
@@ -108,11 +110,11 @@ class TracIn(GradientAttributor):
         self, model: Any, work_dir: Path | None, options: TracInOptions, progress: bool = False
     ) -> None:
         super().__init__(model, work_dir, options, progress)
-        self._train_feats: list[Tensor] = []
+        self._train_feats: list[list[Tensor]] = []
 
-    def args(self) -> FeaturizeArgs:
+    def args(self, query: bool = False) -> FeaturizeArgs:
         return make_featurize_args(
-            self.options, self.model, "loss", self.name, normalize=self.normalize
+            self.options, self.model, "loss", self.name, normalize=self.normalize, query=query
         )
 
     def checkpoint_model(self, c: int) -> Any:
@@ -127,19 +129,24 @@ class TracIn(GradientAttributor):
         self.check_train(train)
         args = self.args()
         t0 = time.perf_counter()
+        # per checkpoint: [all samples, half 0, half 1] (the halves only with the stability figure)
         self._train_feats = []
         for c in range(len(self.options.rates())):
             model = self.checkpoint_model(c)
             folder = store_folder(self.work, self.name, args, model, train, tag=f"ckpt{c}")
-            self._train_feats.append(train_features(model, train, args, folder, self.progress))
+            full, halves = train_parts(
+                train_features(model, train, args, folder, self.progress), args
+            )
+            self._train_feats.append([full, *(halves or [])])
         self.timing["featurize_train_s"] = time.perf_counter() - t0
         self.train = train
 
     def score(self, queries: Queries) -> Scores:
         train = self.require_fit()
-        args = self.args()
-        ids = query_ids(queries.names)
-        total = torch.zeros(len(queries), len(train), dtype=torch.float64)
+        args = self.args(query=True)
+        # Full-budget scores and the two half-budget ones (the stability figure).
+        totals = [torch.zeros(len(queries), len(train), dtype=torch.float64) for _ in range(3)]
+        split = True
         t_feat = t_score = 0.0
         for c, lr in enumerate(self.options.rates()):
             model = self.checkpoint_model(c)
@@ -148,7 +155,6 @@ class TracIn(GradientAttributor):
             q = featurize_images(
                 model,
                 queries.images,
-                ids,
                 labels,
                 args.timesteps.timesteps(),
                 args,
@@ -156,18 +162,23 @@ class TracIn(GradientAttributor):
                 progress=self.progress,
             )
             t1 = time.perf_counter()
-            total += lr * dot_scores(self._train_feats[c], q).to(torch.float64)
+            parts = self._train_feats[c]
+            split = split and q.halves is not None and len(parts) == 3
+            queries_parts = [q.full, *(q.halves or ())]
+            for total, train_part, feats in zip(totals, parts, queries_parts, strict=False):
+                total += lr * dot_scores(train_part, feats).to(torch.float64)
             t_feat += t1 - t0
             t_score += time.perf_counter() - t1
         self.timing["featurize_queries_s"] = t_feat
         self.timing["score_s"] = t_score
-        return make_scores(self, train, queries, total)
+        return make_scores(self, train, queries, totals[0], halves=totals[1:] if split else None)
 
     def config(self) -> dict[str, Any]:
         return {
             "options": to_jsonable(self.options),
             "learning_rates": self.options.rates(),
             "timesteps": self.args().timesteps.timesteps(),
+            "query_timesteps": self.args(query=True).timesteps.timesteps(),
             "timing": dict(self.timing),
         }
 
@@ -180,12 +191,16 @@ class DiffReTrac(TracIn):
 
 
 class _OneModelGrad(FeatureAttributor):
+    def similarity(self, train_feats: Tensor, query_feats: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def train_args(self) -> FeaturizeArgs:
         return make_featurize_args(self.options, self.model, "loss", self.name)
 
-    def prepare(self, train_feats: Tensor, train: ImageDataset) -> None:
-        self._feats = train_feats
-        self.info["timesteps"] = self.train_args().timesteps.timesteps()
+    def build(self, train_feats: Tensor, train: ImageDataset, part: int | None) -> Scorer:
+        if part is None:
+            self.info["timesteps"] = self.train_args().timesteps.timesteps()
+        return functools.partial(self.similarity, train_feats)
 
 
 class GradDot(_OneModelGrad):
@@ -193,8 +208,8 @@ class GradDot(_OneModelGrad):
 
     name: str = "grad-dot"
 
-    def kernel_scores(self, query_feats: Tensor) -> Tensor:
-        return dot_scores(self._feats, query_feats)
+    def similarity(self, train_feats: Tensor, query_feats: Tensor) -> Tensor:
+        return dot_scores(train_feats, query_feats)
 
 
 class GradCos(_OneModelGrad):
@@ -202,5 +217,5 @@ class GradCos(_OneModelGrad):
 
     name: str = "grad-cos"
 
-    def kernel_scores(self, query_feats: Tensor) -> Tensor:
-        return cosine_scores(self._feats, query_feats)
+    def similarity(self, train_feats: Tensor, query_feats: Tensor) -> Tensor:
+        return cosine_scores(train_feats, query_feats)

@@ -9,10 +9,13 @@ A higher score means training on ``z_i`` lowers the query's loss (the package-wi
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from diffattr.attribution.base import Queries, Scores
@@ -20,6 +23,7 @@ from diffattr.attribution.featurize import FeaturizeArgs
 from diffattr.attribution.methods.common import (
     FeatureAttributor,
     KernelOptions,
+    Scorer,
     kernel_device,
     make_featurize_args,
     make_scores,
@@ -39,6 +43,11 @@ class TrakKernelAttributor(FeatureAttributor):
     output: ClassVar[str] = "loss"
     normalize: ClassVar[bool] = False
 
+    def __init__(self, model: Any, work_dir: Path | None, options: Any, progress: bool = False):
+        super().__init__(model, work_dir, options, progress)
+        # part (None: all samples, 0 / 1: a half) -> (kernel, per-training-image weights)
+        self.kernels: dict[int | None, tuple[TrakKernel, Tensor | None]] = {}
+
     def output_name(self) -> str:
         return self.output
 
@@ -47,44 +56,69 @@ class TrakKernelAttributor(FeatureAttributor):
             self.options, self.model, self.output_name(), self.name, normalize=self.normalize
         )
 
-    def prepare(self, train_feats: Tensor, train: ImageDataset) -> None:
-        self.kernel = TrakKernel(
+    def build(self, train_feats: Tensor, train: ImageDataset, part: int | None) -> Scorer:
+        kernel = TrakKernel(
             train_feats,
             lam=self.options.lam,
             lambda_scale=self.options.lambda_scale,
             device=kernel_device(self.model),
         )
-        self.info["lambda"] = self.kernel.lam
-        self.info["timesteps"] = self.train_args().timesteps.timesteps()
+        weights = self.train_weights(train, part)
+        self.kernels[part] = (kernel, weights)
+        if part is None:
+            self.info["lambda"] = kernel.lam
+            self.info["timesteps"] = self.train_args().timesteps.timesteps()
+            self.info["query_timesteps"] = self.query_args().timesteps.timesteps()
+        return functools.partial(self._scores, kernel, weights)
 
-    def kernel_scores(self, query_feats: Tensor) -> Tensor:
-        return self.weight_scores(self.kernel.scores(query_feats))
+    @staticmethod
+    def _scores(kernel: TrakKernel, weights: Tensor | None, query_feats: Tensor) -> Tensor:
+        return weighted(kernel.scores(query_feats), weights)
 
-    def weight_scores(self, base: Tensor) -> Tensor:
-        """Method-specific reweighting of the kernel scores ``(m, n)`` (none for TRAK)."""
-        return base
+    def train_weights(self, train: ImageDataset, part: int | None) -> Tensor | None:
+        """Per-training-image weights ``(n,)`` of the kernel scores (none for TRAK; DAS: the
+        residuals of the same samples)."""
+        return None
 
     def score_lambda_path(self, queries: Queries, lams: list[float]) -> list[Scores]:
         """Scores of ``queries`` under each ridge in ``lams`` (query features computed once).
 
         Each result's config records its ``lambda``; the fitted kernel's own lambda is unchanged.
+        With the stability figure, the two halves are swept with their own half kernels.
         """
         train = self.require_fit()
         q = self.query_features(queries)
         t0 = time.perf_counter()
-        path = trak_scores_lambda_path(
-            self.kernel.phi, q, lams, block=self.kernel.block, device=self.kernel.device
-        )
+
+        def sweep(part: int | None, feats: Tensor) -> list[Tensor]:
+            kernel, weights = self.kernels[part]
+            path = trak_scores_lambda_path(
+                kernel.phi, feats, lams, block=kernel.block, device=kernel.device
+            )
+            return [weighted(p, weights) for p in path]
+
+        full = sweep(None, q.full)
+        halves = None
+        if q.halves is not None and 0 in self.kernels:
+            halves = [sweep(h, q.halves[h]) for h in (0, 1)]
         out = []
         fitted = self.info.get("lambda")
         try:
-            for lam, base in zip(lams, path, strict=True):
+            for i, lam in enumerate(lams):
                 self.info["lambda"] = float(lam)
-                out.append(make_scores(self, train, queries, self.weight_scores(base)))
+                pair = None if halves is None else [halves[0][i], halves[1][i]]
+                out.append(make_scores(self, train, queries, full[i], halves=pair))
         finally:
             self.info["lambda"] = fitted
         self.timing["score_s"] = time.perf_counter() - t0
         return out
+
+
+def weighted(scores: Tensor, weights: Tensor | None) -> Tensor:
+    """Kernel scores ``(m, n)`` times per-training-image weights ``(n,)`` (float64 product)."""
+    if weights is None:
+        return scores
+    return (scores.to(torch.float64) * weights[None, :]).to(torch.float32)
 
 
 class Trak(TrakKernelAttributor):

@@ -1,0 +1,100 @@
+"""Attributor folders: a method fitted on a training set, kept on disk to attribute new images.
+
+``diffattr featurize`` and the demo write one with :func:`fit_into_folder`: the method's feature
+stores plus a ``diffattr.json`` record of kind ``attributor`` holding the method, its complete
+options (defaults resolved, so a later change of defaults cannot silently change the method), the
+training data config and hash and the model hash. ``diffattr attribute`` reopens it with
+:func:`open_folder`, which refuses another model or changed training data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from diffattr.attribution.base import Attributor
+from diffattr.attribution.registry import make_attributor, make_options
+from diffattr.data.dataset import ImageDataset
+from diffattr.repro import MismatchError, open_result_dir, read_record, to_jsonable
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTOR_KIND = "attributor"
+
+
+def resolved_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of ``method`` (the given ones validated, the rest at their defaults)."""
+    return dict(to_jsonable(dataclasses.asdict(make_options(method, **options))))
+
+
+def fit_into_folder(
+    model: Any,
+    model_path: str | Path,
+    method: str,
+    options: dict[str, Any],
+    data_config: Any,
+    train: ImageDataset,
+    out: str | Path,
+    progress: bool = True,
+) -> Attributor:
+    """Fit ``method`` on ``train`` with its stores in ``out`` (resuming / reusing what is there).
+
+    ``data_config``: the :class:`~diffattr.config.DataConfig` that loads ``train`` (recorded so
+    :func:`open_folder` can reload it). Raises :class:`~diffattr.repro.MismatchError` when ``out``
+    was made with another method, options, data or model.
+    """
+    out = Path(out)
+    full = resolved_options(method, options)
+    open_result_dir(
+        out,
+        kind=ATTRIBUTOR_KIND,
+        identity={
+            "method": method,
+            "options": full,
+            "data": data_config,
+            "data_hash": train.data_hash(),
+            "model_hash": model.model_hash(),
+        },
+        extra={"model_path": str(model_path)},
+    )
+    attributor = make_attributor(method, model, work_dir=out, progress=progress, **full)
+    attributor.fit(train)
+    return attributor
+
+
+def open_folder(
+    model: Any, folder: str | Path, progress: bool = True
+) -> tuple[Attributor, ImageDataset]:
+    """The attributor saved in ``folder`` fitted again for ``model`` (its stores are reused), and
+    the training set it attributes to.
+
+    Raises :class:`~diffattr.repro.RecordNotFoundError` for a folder without a record and
+    :class:`~diffattr.repro.MismatchError` for another kind of folder, another model or
+    training data that changed since.
+    """
+    from diffattr.config import DataConfig
+    from diffattr.data import load_dataset
+
+    folder = Path(folder)
+    record = read_record(folder)
+    if record.get("kind") != ATTRIBUTOR_KIND:
+        raise MismatchError(
+            f"{folder} holds a {record.get('kind')!r} result, not features made by "
+            "`diffattr featurize` (or the demo's runs/demo/features/<method>)"
+        )
+    ident = record["identity"]
+    if ident["model_hash"] != model.model_hash():
+        raise MismatchError(
+            f"{folder} was featurized with model hash {ident['model_hash'][:12]}, but the given "
+            f"model has hash {model.model_hash()[:12]}; pass the model it was made with"
+        )
+    train = load_dataset(DataConfig(**ident["data"]))
+    if train.data_hash() != ident["data_hash"]:
+        raise MismatchError(f"{folder}: the training data changed since featurization")
+    attributor = make_attributor(
+        ident["method"], model, work_dir=folder, progress=progress, **ident["options"]
+    )
+    attributor.fit(train)
+    return attributor, train
