@@ -10,7 +10,8 @@ share of queries whose top-1 is the source image and the source's median rank.
 
 ``--variants``: ``;``-separated entries ``LABEL=METHOD:key=value,key=value`` (or just ``METHOD``
 for its defaults); values are parsed as JSON when they parse. Feature stores are cached in
-``--work`` and reused by later runs.
+``--work`` and reused by later runs. ``--folders`` adds attributors saved by ``diffattr featurize`` or the demo
+(``runs/demo/features/d-trak``), scored as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffattr.attribution.base import Queries  # noqa: E402
 from diffattr.attribution.registry import make_attributor  # noqa: E402
+from diffattr.attribution.saved import open_folder  # noqa: E402
 
 log = logging.getLogger("near_copies")
 
@@ -68,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/trust-work", help="feature-store cache")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
+    p.add_argument(
+        "--folders",
+        default="",
+        help="comma-separated attributor folders (`diffattr featurize` / the demo's "
+        "runs/demo/features/<method>) to score too, without refitting",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -86,9 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     images = torch.cat([kinds[k] for k in names])
     queries = Queries(images, [f"{k}:{int(i)}" for k in names for i in sources])
     table = []
-    for label, method, options in parse_variants(args.variants):
-        attr = make_attributor(method, model, work_dir=Path(args.work), **options)
+    variants: list[tuple[str, Any]] = [
+        (label, lambda m=method, o=options: make_attributor(m, model, Path(args.work), **o))
+        for label, method, options in parse_variants(args.variants)
+    ]
+    for folder in filter(None, args.folders.split(",")):
+        variants.append(
+            (f"{Path(folder).name} ({folder})", lambda f=folder: open_folder(model, f)[0])
+        )
+    for label, build in variants:
         t0 = time.perf_counter()
+        attr = build()
         attr.fit(train)
         t1 = time.perf_counter()
         scores = attr.score(queries)

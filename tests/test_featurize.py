@@ -289,3 +289,26 @@ def test_nan_output_names_the_sample(kind: str, monkeypatch: pytest.MonkeyPatch)
     )
     with pytest.raises(NonFiniteGradientError, match="sample id 10 at timestep 800"):
         per_step_features(model, _x0(dtype=torch.float32), IDS, [100, 800], args)
+
+
+def test_method_default_timesteps_follow_the_schedule() -> None:
+    """d-trak's defaults (225 timesteps from T // 10) on a 1000-step and a 100-step schedule."""
+    from diffattr.attribution.methods.das import DASOptions
+    from diffattr.attribution.methods.dtrak import DTrakOptions
+
+    full = DTrakOptions().timestep_policy(1000).timesteps()
+    assert len(full) == 225 and full[0] == 100 and full[-1] < 1000
+    assert DTrakOptions().timestep_policy(100).timesteps() == list(range(10, 100))
+    assert len(DASOptions().timestep_policy(1000).timesteps()) == 125
+    assert DASOptions().timestep_policy(1000).timesteps()[0] == 0
+    # An explicit t_min is kept, and one past the schedule is still an error.
+    assert DTrakOptions(t_min=0, timesteps=4).timestep_policy(1000).timesteps() == [
+        0,
+        250,
+        500,
+        750,
+    ]
+    with pytest.raises(ValueError, match="t_min"):
+        DTrakOptions(t_min=100).timestep_policy(100)
+    with pytest.raises(ValueError, match="t_min"):
+        DTrakOptions(t_min=-1)

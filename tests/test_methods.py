@@ -193,7 +193,14 @@ def test_trak_and_dtrak_match_closed_form(
 def test_query_budget_is_its_own(model, train, queries) -> None:
     """Query features average query_timesteps x query_num_noise samples; training ones do not."""
     a = make_attributor(
-        "d-trak", model, timesteps=2, query_timesteps=4, query_num_noise=2, lam=0.05, **BASE
+        "d-trak",
+        model,
+        timesteps=2,
+        t_min=0,
+        query_timesteps=4,
+        query_num_noise=2,
+        lam=0.05,
+        **BASE,
     )
     a.fit(train)
     s = a.score(queries)

@@ -103,8 +103,9 @@ def describe_stability(stability: Stability | None, q: int) -> str:
         return "stability: exact (this method draws no noise)"
     shared = int(round(stability.overlap[q] * stability.k))
     return (
-        f"stability: {shared}/{stability.k} of the top-{stability.k} shared by two independent "
-        f"halves of the query's noise samples (rank correlation {stability.rank_corr[q]:.2f})"
+        f"stability: {shared}/{stability.k} of the top-{stability.k} shared by two attributions "
+        f"from independent halves of the (timestep, noise) samples (rank correlation "
+        f"{stability.rank_corr[q]:.2f})"
     )
 
 

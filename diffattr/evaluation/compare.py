@@ -175,12 +175,15 @@ def write_table(
         "",
         "LDS: Spearman correlation across retrained subsets between a method's subset score sums "
         "and the negative measured query loss, averaged over queries; CI: bootstrap over queries.",
-        "cf: counterfactual distance between the image regenerated (same initial noise) after "
-        "removing the method's top-k training images and the original generation; higher = the "
-        "method found images that mattered more; [CI]: bootstrap over the counterfactual queries. "
-        "'- random': the mean paired difference to removing as many random images for the same "
-        "query; the method beats chance only where its interval lies above 0.",
     ]
+    if any(h.startswith("cf ") for h in header):
+        notes.append(
+            "cf: counterfactual distance between the image regenerated (same initial noise) after "
+            "removing the method's top-k training images and the original generation; higher = the "
+            "method found images that mattered more; [CI]: bootstrap over the counterfactual queries. "
+            "'- random': the mean paired difference to removing as many random images for the same "
+            "query; the method beats chance only where its interval lies above 0."
+        )
     for q, c in (ceilings or {}).items():
         notes.append(
             f"Seed-noise ceiling ({q}): two retraining seeds of the same subset give losses whose "
