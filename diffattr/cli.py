@@ -263,21 +263,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from diffattr.report import ReportRequest, write_report
+
+    result = write_report(
+        ReportRequest(
+            model=Path(args.model),
+            image=Path(args.image),
+            methods=args.methods,
+            out=Path(args.out),
+            groups=args.groups,
+            features_root=None if args.features_root is None else Path(args.features_root),
+            eval_dir=None if args.eval is None else Path(args.eval),
+            top_k=args.top_k,
+            seed=args.seed,
+            pdf=not args.no_pdf,
+            progress=not args.quiet,
+        )
+    )
+    nc = result.content["near_copy"]
+    sys.stdout.write(f"near copy: {nc['verdict']}\n")
+    for path in (result.html, result.pdf, result.json):
+        if path is not None:
+            sys.stdout.write(f"report: {path}\n")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from diffattr.demo import run_demo
+    from diffattr.demo import embedding_hint, run_demo
 
     summary = run_demo(Path(args.out), config=args.config, seed=args.seed, progress=not args.quiet)
     sys.stdout.write(f"query {summary['query']}: top-5 training images (id, score) per method\n")
     for method, result in summary["methods"].items():
         row = ", ".join(f"{tid} ({score:+.4g})" for tid, score in result["top5"])
-        sys.stdout.write(f"  {method:8s} {row}\n")
-        sys.stdout.write(f"  {'':8s} {result['stability']}\n")
+        sys.stdout.write(f"  {method:13s} {row}\n")
+        sys.stdout.write(f"  {'':13s} {result['stability']}\n")
     out = Path(args.out)
     sys.stdout.write(f"report: {out / 'report.html'}\n")
+    sys.stdout.write(f"copyright report: {summary['copyright_report']}\n")
     sys.stdout.write(
         f"attribute your own image: diffattr attribute --model {out / 'model'} "
         f"--features {out / 'features' / 'd-trak'} --image your.png\n"
     )
+    sys.stdout.write(embedding_hint(out) + "\n")
     return 0
 
 
@@ -377,6 +405,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes (default: the config's `workers`)",
     )
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "report", help="copyright report for one image: html + pdf + json, several methods"
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", required=True, help="the image to explain (PNG of the model's size)")
+    p.add_argument(
+        "--methods", required=True, help="comma-separated, e.g. d-trak,das,pixel,unet-features"
+    )
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument(
+        "--groups",
+        default="class",
+        help="class | csv:PATH (id,group rows) | kmeans:K (default: class)",
+    )
+    p.add_argument(
+        "--features-root",
+        default=None,
+        help="one attributor folder per method, DIR/<method>; missing ones are built "
+        "(default: <model>/../features)",
+    )
+    p.add_argument("--eval", default=None, help="evaluation folder (diffattr evaluate) for LDS")
+    p.add_argument("--top-k", type=positive_int, default=10, help="training images per method")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap / pair-sample / k-means seed")
+    p.add_argument("--no-pdf", action="store_true", help="skip report.pdf (needs Chromium)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="train (or reuse) a digits DDPM, generate, attribute, report")
     p.add_argument("--out", default="runs/demo")

@@ -9,20 +9,17 @@ attribute their own image afterwards with ``diffattr attribute --model runs/demo
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from diffattr.data.dataset import ImageDataset
 from diffattr.data.images import load_image
+from diffattr.report.render import png_base64, render_html
 from diffattr.repro import write_json_atomic
-from diffattr.resources import config_path, resource
+from diffattr.resources import config_path
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +29,7 @@ log = logging.getLogger(__name__)
 DEMO_METHODS: dict[str, dict[str, Any]] = {
     "d-trak": {"timesteps": 75},
     "das": {"timesteps": 50},
+    "unet-features": {},
     "pixel": {},
 }
 QUERY_INDEX = 3  # the issue's example query, gen/0003.png
@@ -47,17 +45,6 @@ class MethodResult:
     stability: str
 
 
-def png_base64(image: torch.Tensor) -> str:
-    """A ``(C, H, W)`` image in ``[-1, 1]`` as base64 PNG (for a self-contained HTML report)."""
-    from PIL import Image
-
-    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arr_np = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr_np).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def label_name(data: ImageDataset, row: int) -> str | None:
     """The class name of image ``row`` (its index as text when the set names no classes)."""
     if data.labels is None:
@@ -67,16 +54,30 @@ def label_name(data: ImageDataset, row: int) -> str | None:
 
 
 def render_report(context: dict[str, Any], out: Path) -> Path:
-    """Render the demo report; jinja2 autoescape escapes every inserted string."""
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
-
-    env = Environment(
-        loader=FileSystemLoader(str(resource("assets", "templates"))),
-        autoescape=select_autoescape(["html", "j2"]),
-    )
-    html = env.get_template("demo_report.html.j2").render(**context)
-    out.write_text(html)
+    """Render the demo's quick report with the report package's renderer (autoescape on)."""
+    out.write_text(render_html("demo_report.html.j2", context))
     return out
+
+
+def write_demo_report(out: Path, methods: list[str] | None = None, progress: bool = True) -> Path:
+    """The copyright report (``diffattr report``) for the demo's query digit, from the demo's own
+    feature folders; returns the path of ``report.html`` (``out/report/``)."""
+    from diffattr.report import ReportRequest, write_report
+    from diffattr.report.render import find_chromium
+
+    result = write_report(
+        ReportRequest(
+            model=out / "model",
+            image=out / "generated" / f"{QUERY_INDEX:04d}.png",
+            methods=list(methods or DEMO_METHODS),
+            out=out / "report",
+            groups="class",
+            features_root=out / "features",
+            pdf=find_chromium() is not None,
+            progress=progress,
+        )
+    )
+    return result.html
 
 
 def run_demo(
@@ -191,4 +192,17 @@ def run_demo(
         out / "report.html",
     )
     log.info("report: %s", report)
+    summary["copyright_report"] = str(write_demo_report(out, progress=progress))
+    write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def embedding_hint(out: Path) -> str:
+    """How to add the clip / dino baselines, which need a checkpoint the demo cannot download."""
+    return (
+        f"add clip / dino with a local checkpoint: diffattr featurize --model {out / 'model'} "
+        f"--method clip --option model=/path/to/clip-vit-base-patch32 --out "
+        f"{out / 'features' / 'clip'} (dino: --method dino --option model=/path/to/dinov2-small), "
+        f"then diffattr attribute --model {out / 'model'} --features {out / 'features' / 'clip'} "
+        f"--image {out / 'generated' / f'{QUERY_INDEX:04d}.png'}"
+    )

@@ -7,6 +7,7 @@ multi-process run bit for bit.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,3 +52,60 @@ def tiny_model(
     return DiffusionModel(
         unet=unet, scheduler=DDPMScheduler(num_train_timesteps=num_train_timesteps)
     )
+
+
+def tiny_clip_folder(path: str | Path, seed: int = 0, size: int = 32) -> Path:
+    """A random tiny transformers CLIP vision checkpoint (hidden 32, 2 layers, image ``size``,
+    projection 16) and its ``CLIPImageProcessor`` saved into ``path`` (no download)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=size,
+        patch_size=8,
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = CLIPVisionModelWithProjection(config)
+    return _save_checkpoint(net, CLIPImageProcessor(size=size, crop_size=size), path)
+
+
+def tiny_dino_folder(path: str | Path, seed: int = 0, size: int = 32) -> Path:
+    """A random tiny transformers DINOv2 checkpoint (hidden 32, 2 layers, patch 8) and its
+    ``BitImageProcessor`` (resize + crop to ``size``) saved into ``path`` (no download)."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(
+        hidden_size=32,
+        mlp_ratio=2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=size,
+        patch_size=8,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = Dinov2Model(config)
+    processor = BitImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    return _save_checkpoint(net, processor, path)
+
+
+def _save_checkpoint(net: Any, processor: Any, path: str | Path) -> Path:
+    from transformers.utils import logging as tlog
+
+    path = Path(path)
+    bars = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        net.eval().save_pretrained(path)
+        processor.save_pretrained(path)
+    finally:
+        if bars:
+            tlog.enable_progress_bar()
+    return path

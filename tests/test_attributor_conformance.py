@@ -18,7 +18,7 @@ from diffattr.attribution.base import Attributor, Queries, Scores, Trajectory
 from diffattr.attribution.registry import ATTRIBUTORS, make_attributor
 from diffattr.data.dataset import ImageDataset
 from diffattr.diffusion.model import DiffusionModel
-from diffattr.testing import tiny_model
+from diffattr.testing import tiny_clip_folder, tiny_dino_folder, tiny_model
 
 # Small settings, applied to whichever of them a method's options dataclass has.
 FAST_OPTIONS: dict[str, Any] = {
@@ -35,6 +35,17 @@ FAST_OPTIONS: dict[str, Any] = {
 def fast_options(name: str) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(ATTRIBUTORS[name].options)}
     return {k: v for k, v in FAST_OPTIONS.items() if k in fields}
+
+
+@pytest.fixture(scope="module")
+def required_options(tmp_path_factory) -> dict[str, dict[str, Any]]:
+    """Options a method cannot run without (the embedding baselines' checkpoint folders: tiny
+    random ones saved with save_pretrained, loaded through the user's code path)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "clip": {"model": str(tiny_clip_folder(root / "clip"))},
+        "dino": {"model": str(tiny_dino_folder(root / "dino"))},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +85,10 @@ def queries(model: DiffusionModel) -> Queries:
 
 
 @pytest.mark.parametrize("name", list(ATTRIBUTORS))
-def test_attributor_conformance(name: str, model, train, queries, tmp_path) -> None:
-    opts = fast_options(name)
+def test_attributor_conformance(
+    name: str, model, train, queries, tmp_path, required_options
+) -> None:
+    opts = {**fast_options(name), **required_options.get(name, {})}
     attr = make_attributor(name, model, None, **opts)
     assert isinstance(attr, Attributor)
     assert attr.name == name

@@ -31,7 +31,6 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from diffattr.attribution.gradients import (
     grad_sq_norms,
@@ -49,15 +48,10 @@ from diffattr.attribution.projectors import (
     projector_info,
 )
 from diffattr.attribution.store import (
-    MANIFEST,
-    STORE_KIND,
     STORE_TORCH_DTYPES,
     FeatureStore,
-    IncompleteStoreError,
     StoreMismatchError,
-    complete_shards,
-    open_store_dir,
-    write_shard,
+    fill_store,
 )
 from diffattr.attribution.timesteps import (
     TimestepPolicy,
@@ -66,7 +60,8 @@ from diffattr.attribution.timesteps import (
     validate_timesteps,
 )
 from diffattr.data.dataset import ImageDataset
-from diffattr.repro import to_jsonable, write_json_atomic
+from diffattr.diffusion.model import eval_mode
+from diffattr.repro import to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -360,20 +355,9 @@ def per_step_features(
         )
     proj, params = build_projector(model, args)
     device = model.device
-    with _eval_mode(model.unet):
+    with eval_mode(model.unet):
         feats = _features(model, proj, params, x0, ids, timesteps, args, class_labels, device)
     return feats if keep_draws else feats.mean(dim=2)
-
-
-@contextlib.contextmanager
-def _eval_mode(unet: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while differentiating (a feature must not depend on dropout noise)."""
-    was_training = unet.training
-    unet.eval()
-    try:
-        yield
-    finally:
-        unet.train(was_training)
 
 
 def _features(
@@ -498,17 +482,6 @@ def split_halves(feats: Tensor, how: str) -> tuple[Tensor, Tensor] | None:
 # ------------------------------------------------------------------------------- whole data sets
 
 
-def _dist(accelerator: Any) -> tuple[int, int]:
-    if accelerator is None:
-        return 0, 1
-    return int(accelerator.process_index), int(accelerator.num_processes)
-
-
-def _barrier(accelerator: Any) -> None:
-    if accelerator is not None and int(accelerator.num_processes) > 1:
-        accelerator.wait_for_everyone()
-
-
 def store_identity(
     model: Any, data: Any, args: FeaturizeArgs, proj: AnyProjector, feature_shape: tuple[int, ...]
 ) -> dict[str, Any]:
@@ -560,7 +533,6 @@ def featurize(
     """
     args.validate()
     out = Path(out)
-    rank, world = _dist(accelerator)
     if accelerator is not None:
         model.to(accelerator.device)
     T = int(model.scheduler.config.num_train_timesteps)
@@ -582,63 +554,27 @@ def featurize(
     if args.aggregate == "halves" and len(timesteps) * args.num_noise < 2:
         raise ValueError("featurize: aggregate 'halves' needs at least 2 (timestep, draw) samples")
     identity = store_identity(model, data, args, proj, fshape)
-
-    # Process 0 creates (or checks) the folder first so the others never race to create it.
-    if rank == 0:
-        open_store_dir(out, identity, extra={"batch_size": args.batch_size})
-    _barrier(accelerator)
-    if rank != 0:
-        open_store_dir(out, identity)
-
-    starts = list(range(0, n, args.shard_size))
-    shard_rows = [min(args.shard_size, n - s) for s in starts]
-    manifest = {
-        "kind": STORE_KIND,
-        "identity": identity,
-        "ids": [int(i) for i in data.ids.tolist()],
-        "num_shards": len(starts),
-        "feature_shape": list(fshape),
-        "projector_info": to_jsonable(projector_info(proj)),
-        "complete": False,
-    }
-    if rank == 0 and not (out / MANIFEST).exists():
-        write_json_atomic(out / MANIFEST, manifest)
-
-    mine = [i for i in range(len(starts)) if i % world == rank]
-    done = set(complete_shards(out, shard_rows, mine))
-    todo = [i for i in mine if i not in done]
-    if done:
-        log.info(
-            "%s: %d of %d shards already done; computing %d", out, len(done), len(mine), len(todo)
-        )
     use_labels = getattr(model, "num_classes", None) is not None and data.labels is not None
-    store_dtype = STORE_TORCH_DTYPES[args.dtype]
-    for i in tqdm(
-        todo, desc=f"featurize {args.label}", unit="shard", disable=not progress or rank != 0
-    ):
-        sl = slice(starts[i], starts[i] + shard_rows[i])
+
+    def compute(sl: slice) -> Tensor:
         labels = data.labels[sl] if use_labels and data.labels is not None else None
         feats = per_step_features(
             model, data.images[sl], data.ids[sl], timesteps, args, labels, keep_draws=True
         )
-        feats = aggregate_samples(feats, args.aggregate).to(torch.float32).cpu()
-        if store_dtype == torch.float16 and bool((feats.abs() > 65504).any()):
-            raise ValueError(
-                f"featurize: features of shard {i} exceed the float16 range (max |value| "
-                f"{float(feats.abs().max()):.3g}); use dtype='float32' or normalize=True"
-            )
-        write_shard(out, i, feats.to(store_dtype), data.ids[sl])
-        if on_shard is not None:
-            on_shard(i)
+        return aggregate_samples(feats, args.aggregate)
 
-    _barrier(accelerator)
-    if rank == 0:
-        missing = sorted(set(range(len(starts))) - set(complete_shards(out, shard_rows)))
-        if missing:
-            raise IncompleteStoreError(
-                f"{out}: shards {missing[:10]} were not written by any process"
-            )
-        manifest["complete"] = True
-        write_json_atomic(out / MANIFEST, manifest)
-    _barrier(accelerator)
-    return FeatureStore.open(out)
+    return fill_store(
+        out,
+        identity,
+        data.ids,
+        args.shard_size,
+        compute,
+        fshape[1:],
+        progress=progress,
+        label=args.label,
+        accelerator=accelerator,
+        extra={"batch_size": args.batch_size},
+        manifest_extra={"projector_info": to_jsonable(projector_info(proj))},
+        dtype=STORE_TORCH_DTYPES[args.dtype],
+        on_shard=on_shard,
+    )

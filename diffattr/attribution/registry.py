@@ -21,6 +21,14 @@ from typing import Any
 from diffattr.attribution.base import Attributor
 from diffattr.attribution.methods.das import DAS, DASOptions
 from diffattr.attribution.methods.dtrak import DTrak, DTrakOptions
+from diffattr.attribution.methods.embedding import (
+    ClipOptions,
+    ClipSimilarity,
+    DinoOptions,
+    DinoSimilarity,
+    UNetFeatureOptions,
+    UNetFeatureSimilarity,
+)
 from diffattr.attribution.methods.journey import JourneyOptions, JourneyTrak
 from diffattr.attribution.methods.pixel import PixelCosine, PixelOptions
 from diffattr.attribution.methods.tracin import (
@@ -34,6 +42,7 @@ from diffattr.attribution.methods.tracin import (
     TracInOptions,
 )
 from diffattr.attribution.methods.trak import Trak, TrakOptions
+from diffattr.attribution.methods.unlearn import Unlearn, UnlearnOptions
 from diffattr.errors import OptionError
 
 
@@ -102,6 +111,31 @@ ATTRIBUTORS: dict[str, AttributorSpec] = {
             DiffReTrac,
         ),
         AttributorSpec(
+            "unlearn",
+            "Attribution by unlearning: Fisher-preconditioned ascent on the query's loss, score = "
+            "rise of each training image's loss",
+            UnlearnOptions,
+            Unlearn,
+        ),
+        AttributorSpec(
+            "clip",
+            "CLIP image-embedding cosine similarity baseline (option model: checkpoint folder/id)",
+            ClipOptions,
+            ClipSimilarity,
+        ),
+        AttributorSpec(
+            "dino",
+            "DINOv2 image-embedding cosine similarity baseline (option model: checkpoint folder/id)",
+            DinoOptions,
+            DinoSimilarity,
+        ),
+        AttributorSpec(
+            "unet-features",
+            "Cosine similarity of the diffusion model's own mid-block features of the noised image",
+            UNetFeatureOptions,
+            UNetFeatureSimilarity,
+        ),
+        AttributorSpec(
             "pixel",
             "Raw-pixel cosine similarity baseline (no model gradients)",
             PixelOptions,
@@ -143,6 +177,7 @@ def make_options(name: str, **options: Any) -> Any:
 def make_attributor(
     name: str,
     model: Any,
+    /,
     work_dir: str | os.PathLike | None = None,
     progress: bool = False,
     **options: Any,

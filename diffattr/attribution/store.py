@@ -12,7 +12,9 @@ A shard file is written to a temporary name and renamed, and its completion reco
 size and hash match the record. A kill therefore costs at most the shards in progress, and a
 half-written temporary file is ignored (and overwritten) on resume.
 
-Stores are built by :func:`diffattr.attribution.featurize.featurize`.
+Stores are built by :func:`fill_store` (the one shard loop of the package), which
+:func:`diffattr.attribution.featurize.featurize` (gradient features) and the embedding baselines
+(``diffattr.attribution.methods.embedding``) call with their own per-shard computation.
 With ``accelerate`` (``Accelerator()`` joins a ``torchrun`` process group), shard ``i`` is computed
 by process ``i % world_size``; process 0 waits for the others and then marks the store complete. The
 result is the same as a single-process run because noise depends only on (seed, id, t, draw).
@@ -24,11 +26,13 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from diffattr.repro import MismatchError, open_result_dir, write_json_atomic
 
@@ -195,3 +199,129 @@ def complete_shards(
     """Indices (of ``which``, default all) of the shards that are complete on disk."""
     idx = range(len(shard_rows)) if which is None else which
     return [i for i in idx if shard_is_complete(folder, i, shard_rows[i])]
+
+
+def _dist(accelerator: Any) -> tuple[int, int]:
+    """``(rank, world size)``: ``(0, 1)`` without an accelerator."""
+    if accelerator is None:
+        return 0, 1
+    return int(accelerator.process_index), int(accelerator.num_processes)
+
+
+def _barrier(accelerator: Any) -> None:
+    if accelerator is not None and int(accelerator.num_processes) > 1:
+        accelerator.wait_for_everyone()
+
+
+def _checked_rows(
+    feats: torch.Tensor, i: int, rows: int, feature_shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """Shard ``i``'s features as float32 on CPU after checking shape, finiteness and range."""
+    feats = feats.detach().to("cpu", torch.float32)
+    if tuple(feats.shape) != (rows, *feature_shape):
+        raise ValueError(
+            f"featurize: shard {i} has features of shape {tuple(feats.shape)}, expected "
+            f"{(rows, *feature_shape)}"
+        )
+    if not bool(torch.isfinite(feats).all()):
+        raise ValueError(f"featurize: shard {i} has non-finite features")
+    if dtype == torch.float16 and bool((feats.abs() > 65504).any()):
+        raise ValueError(
+            f"featurize: features of shard {i} exceed the float16 range (max |value| "
+            f"{float(feats.abs().max()):.3g}); use dtype='float32' or normalize=True"
+        )
+    return feats
+
+
+def fill_store(
+    out: str | Path,
+    identity: dict[str, Any],
+    ids: torch.Tensor,
+    shard_size: int,
+    compute: Callable[[slice], torch.Tensor],
+    feature_shape: tuple[int, ...],
+    progress: bool = True,
+    label: str = "features",
+    accelerator: Any = None,
+    extra: dict[str, Any] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    on_shard: Callable[[int], None] | None = None,
+) -> FeatureStore:
+    """Compute the features of ``len(ids)`` items into the resumable store at ``out``.
+
+    ``identity``: everything that decides the values (compared field by field on reopening:
+    :class:`StoreMismatchError` names each differing field); ``extra``: recorded, not compared.
+    Items are cut into shards of ``shard_size`` (in ``ids`` order); ``compute(slice)`` returns the
+    ``(rows, *feature_shape)`` features of the items in ``slice``. Shards already complete on disk
+    are skipped, so rerunning after a kill computes only the missing ones. With an
+    ``accelerator`` of ``world`` processes, shard ``i`` is computed by process ``i % world``;
+    process 0 then checks every shard and marks the store complete. Shards are written in
+    ``dtype`` (float32 or float16). ``manifest_extra``: more manifest entries (projector info).
+    ``on_shard(i)`` is called after shard ``i`` is written (tests use it to simulate a kill).
+    """
+    out = Path(out)
+    ids = torch.as_tensor(ids, dtype=torch.int64).flatten().cpu()
+    n = int(ids.shape[0])
+    if n == 0:
+        raise ValueError(f"{out}: nothing to featurize (no ids)")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"featurize.shard_size: expected an int >= 1, got {shard_size!r}")
+    feature_shape = tuple(int(d) for d in feature_shape)
+    rank, world = _dist(accelerator)
+
+    # Process 0 creates (or checks) the folder first so the others never race to create it.
+    if rank == 0:
+        open_store_dir(out, identity, extra=extra)
+    _barrier(accelerator)
+    if rank != 0:
+        open_store_dir(out, identity)
+
+    starts = list(range(0, n, shard_size))
+    shard_rows = [min(shard_size, n - s) for s in starts]
+    manifest = {
+        "kind": STORE_KIND,
+        "identity": identity,
+        "ids": [int(i) for i in ids.tolist()],
+        "num_shards": len(starts),
+        "feature_shape": [n, *feature_shape],
+        **(manifest_extra or {}),
+        "complete": False,
+    }
+    if rank == 0 and not (out / MANIFEST).exists():
+        write_json_atomic(out / MANIFEST, manifest)
+
+    mine = [i for i in range(len(starts)) if i % world == rank]
+    done = set(complete_shards(out, shard_rows, mine))
+    todo = [i for i in mine if i not in done]
+    if done:
+        log.info(
+            "%s: %d of %d shards already done; computing %d", out, len(done), len(mine), len(todo)
+        )
+    # Counted in images, not shards: a store of a few large shards is a multi-minute job.
+    bar = tqdm(
+        total=sum(shard_rows[i] for i in todo),
+        desc=f"featurize {label}",
+        unit="image",
+        disable=not progress or rank != 0 or not todo,
+    )
+    for i in todo:
+        sl = slice(starts[i], starts[i] + shard_rows[i])
+        feats = _checked_rows(compute(sl), i, shard_rows[i], feature_shape, dtype)
+        write_shard(out, i, feats.to(dtype), ids[sl])
+        bar.update(shard_rows[i])
+        if on_shard is not None:
+            on_shard(i)
+    bar.close()
+
+    _barrier(accelerator)
+    if rank == 0:
+        missing = sorted(set(range(len(starts))) - set(complete_shards(out, shard_rows)))
+        if missing:
+            raise IncompleteStoreError(
+                f"{out}: shards {missing[:10]} were not written by any process"
+            )
+        manifest["complete"] = True
+        write_json_atomic(out / MANIFEST, manifest)
+    _barrier(accelerator)
+    return FeatureStore.open(out)

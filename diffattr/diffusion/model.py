@@ -14,12 +14,13 @@ flat (``config.json`` + weights + ``scheduler_config.json`` in one folder, as th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -104,6 +105,17 @@ class DiffusionModel:
                 f"this model is class-conditional ({self.num_classes} classes): pass class_labels"
             )
         return self.unet(x_t, t, class_labels=class_labels).sample
+
+
+@contextlib.contextmanager
+def eval_mode(unet: torch.nn.Module) -> Iterator[None]:
+    """Dropout off (and back on after, if it was on): an attribution must not depend on dropout."""
+    was_training = unet.training
+    unet.eval()
+    try:
+        yield
+    finally:
+        unet.train(was_training)
 
 
 def diffusion_loss(

@@ -43,12 +43,20 @@ class MethodResult:
     set_errors: dict[str, str] = field(default_factory=dict)  # query set -> why it has no score
     # query set -> {"best": lambda, "lds": {lambda: mean LDS}} when the ridge was swept
     lambda_search: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # query set -> LDS on the group subsets (see diffattr.evaluation.groups); empty when disabled
+    group_lds: dict[str, LDSResult] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
+        d = self._image_dict()
+        if self.group_lds:  # only then: results of evaluations without groups stay as they were
+            d["group_lds"] = {k: v.to_dict() for k, v in self.group_lds.items()}
+        return d
+
+    def _image_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "error": self.error,
@@ -114,6 +122,9 @@ def table_rows(
     for f in fracs:
         header += [f"cf L2 @{f}", f"cf L2 - random @{f}", f"cf feature @{f}"]
         header.append(f"cf feature - random @{f}")
+    gsets = [q for q in QUERY_SETS if any(q in r.group_lds for r in results)]
+    for q in gsets:
+        header += [f"group LDS {q}", f"group LDS {q} 95% CI"]
     header += ["fit s", "score s"]
     rows = []
     for r in results:
@@ -138,6 +149,9 @@ def table_rows(
             l2, l2_vs = _cf_cells(cell, "l2", 3)
             feat, feat_vs = _cf_cells(cell, "feature", 4)
             row += [l2, l2_vs, feat, feat_vs]
+        for q in gsets:
+            g = r.group_lds.get(q)
+            row += [_fmt(g.mean), f"[{_fmt(g.ci_low)}, {_fmt(g.ci_high)}]"] if g else ["-", "-"]
         row += [_fmt(r.fit_seconds, 1), _fmt(r.score_seconds, 1)]
         rows.append(row)
     if ceilings:
@@ -183,6 +197,13 @@ def write_table(
             "method found images that mattered more; [CI]: bootstrap over the counterfactual queries. "
             "'- random': the mean paired difference to removing as many random images for the same "
             "query; the method beats chance only where its interval lies above 0."
+        )
+    if any(h.startswith("group LDS") for h in header):
+        notes.append(
+            "group LDS: the same LDS on retrained subsets that each keep a random half of the "
+            "training groups, whole (GGDA's group removal); the prediction is the query's scores "
+            "summed over the kept groups' images, so it shows how well summed image scores "
+            "predict removing whole groups."
         )
     for q, c in (ceilings or {}).items():
         notes.append(

@@ -11,6 +11,7 @@ the retraining ground truth is built and which methods are judged::
     ground_truth: {timesteps: 100, noise_draws: 1, seed: 0}
     methods: {trak: {...options passed to make_attributor...}, pixel: {}}
     counterfactual: {enabled: true, queries: 2, fractions: [0.01, 0.05, 0.1]}
+    group_subsets: {enabled: true, groups: {kmeans: 20, seed: 0}, num_subsets: 16, alpha: 0.5}
     lds: {bootstrap: 1000, seed: 0, level: 0.95}
     workers: 1                         # processes (torchrun); each takes a share of the models
     stack_models: 1                    # models a process trains at once (torch.func stacking)
@@ -81,6 +82,24 @@ class CounterfactualConfig:
 
 
 @dataclass
+class GroupSubsetsConfig:
+    """Group-level LDS (GGDA): retrain on subsets that keep ``alpha`` of the groups, whole.
+
+    ``groups``: "class", a data grouping name, ``{csv: path}`` (relative to the eval YAML, then
+    the cwd) or ``{kmeans: K, seed: 0}`` (see :mod:`diffattr.data.groups`). Not part of the
+    evaluation's identity: its results live in ``out/group_subsets`` under their own identity,
+    so group LDS can be added to a finished evaluation.
+    """
+
+    enabled: bool = False
+    groups: Any = "class"
+    num_subsets: int = 16
+    alpha: float = 0.5
+    seeds_per_subset: int = 1
+    seed: int = 0
+
+
+@dataclass
 class LDSConfig:
     bootstrap: int = 1000  # bootstrap resamples over queries for the CI
     seed: int = 0
@@ -96,6 +115,7 @@ class EvalConfig:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     counterfactual: CounterfactualConfig = field(default_factory=CounterfactualConfig)
     lds: LDSConfig = field(default_factory=LDSConfig)
+    group_subsets: GroupSubsetsConfig = field(default_factory=GroupSubsetsConfig)
     workers: int = 1
     stack_models: int = 1  # retrained models per process trained together (1: one by one)
     source: str | None = None  # the YAML file it came from
@@ -133,7 +153,8 @@ class EvalConfig:
         return method, options, grid
 
 
-_NOT_IDENTITY = ("methods", "workers", "stack_models")
+# group_subsets: its own identity in out/group_subsets (see GroupSubsetsConfig).
+_NOT_IDENTITY = ("methods", "workers", "stack_models", "group_subsets")
 # Keys added after evaluations were first written (see EvalConfig.identity).
 _ADDED_LATER: dict[str, tuple[str, ...]] = {"subsets": ("stratify",), "queries": ("stratify",)}
 
@@ -143,6 +164,7 @@ _SECTIONS: dict[str, type] = {
     "ground_truth": GroundTruthConfig,
     "counterfactual": CounterfactualConfig,
     "lds": LDSConfig,
+    "group_subsets": GroupSubsetsConfig,
 }
 _TOP_KEYS = {
     "experiment",
@@ -248,6 +270,30 @@ def _validate(cfg: EvalConfig, where: str) -> None:
             )
     if not 0.0 < cfg.lds.level < 1.0 or cfg.lds.bootstrap < 1:
         raise ConfigError(f"{where}.lds: level in (0, 1) and bootstrap >= 1 required")
+    _validate_groups(cfg.group_subsets, f"{where}.group_subsets")
+
+
+def _validate_groups(g: GroupSubsetsConfig, where: str) -> None:
+    from diffattr.data.groups import parse_group_spec
+    from diffattr.errors import UserError
+
+    try:
+        parse_group_spec(g.groups, f"{where}.groups")
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
+    if g.num_subsets < 2:
+        raise ConfigError(f"{where}.num_subsets: need at least 2, got {g.num_subsets}")
+    if not 0.0 < g.alpha < 1.0:
+        raise ConfigError(f"{where}.alpha: must be in (0, 1), got {g.alpha}")
+    if g.seeds_per_subset < 1:
+        raise ConfigError(f"{where}.seeds_per_subset: must be >= 1")
+
+
+def _resolve_group_csv(g: GroupSubsetsConfig, folder: Path | None) -> None:
+    """A relative ``groups: {csv: path}`` is read relative to the eval YAML when it exists there."""
+    path = g.groups.get("csv") if isinstance(g.groups, dict) else None
+    if isinstance(path, str) and folder is not None and (folder / path).exists():
+        g.groups = {**g.groups, "csv": str(folder / path)}
 
 
 def eval_config_from_dict(
@@ -279,6 +325,8 @@ def eval_config_from_dict(
         **{k: _section(cls, values.get(k), f"{where}.{k}") for k, cls in _SECTIONS.items()},
     )
     cfg.subsets.alpha = float(cfg.subsets.alpha)
+    cfg.group_subsets.alpha = float(cfg.group_subsets.alpha)
+    _resolve_group_csv(cfg.group_subsets, folder)
     _validate(cfg, where)
     return cfg
 

@@ -10,7 +10,10 @@ its results are already there (so a killed run resumes):
 4. ground truth: each retrained model's loss on each query (``out/ground_truth``);
 5. each method's fit + score (``out/scores/<method>/{held_out,generated}``; a failure is recorded in
    ``out/scores/<method>/failed.json`` and reported, never raised);
-6. LDS per method and query set; the counterfactual check if enabled (``out/counterfactual``);
+   With ``group_subsets.enabled``: the group subsets, their retrained models and ground truth
+   (``out/group_subsets``, see :mod:`diffattr.evaluation.groups`);
+6. LDS per method and query set (and group LDS); the counterfactual check if enabled
+   (``out/counterfactual``);
 7. ``out/comparison.{md,csv,png}`` and ``out/results.json``.
 
 Several processes (``torchrun --nproc_per_node W``; accelerate's ``PartialState`` joins the group)
@@ -43,8 +46,10 @@ from safetensors.torch import load_file, save_file
 
 from diffattr.attribution.base import Queries, Scores
 from diffattr.data.dataset import ImageDataset
+from diffattr.data.groups import GroupAssignment, assign_groups
 from diffattr.data.selection import stratified_rows
 from diffattr.evaluation import counterfactual as cf
+from diffattr.evaluation import groups as grp
 from diffattr.evaluation.compare import MethodResult, write_comparison
 from diffattr.evaluation.config import EvalConfig, load_eval_config
 from diffattr.evaluation.ground_truth import (
@@ -83,12 +88,41 @@ class EvalResult:
     model_hash: str
     comparison: dict[str, Path] | None = None
     counterfactual: dict[str, Any] | None = None
+    group_subsets: GroupEval | None = None
 
     def method(self, name: str) -> MethodResult:
         for r in self.methods:
             if r.method == name:
                 return r
         raise KeyError(f"no result for method {name!r}")
+
+
+@dataclass
+class GroupEval:
+    """The group-subset ground truth (``group_subsets.enabled``): groups, subsets, losses."""
+
+    groups: GroupAssignment
+    subsets: SubsetMasks
+    ground_truth: GroundTruth
+    ceilings: dict[str, SeedCeiling]
+
+    def to_dict(self, cfg: EvalConfig) -> dict[str, Any]:
+        """What ``results.json`` records under ``group_subsets``."""
+        index = self.groups.index
+        return {
+            "settings": dataclasses.asdict(cfg.group_subsets),
+            "groups": {
+                "spec": self.groups.spec,
+                "names": self.groups.names,
+                "sizes": self.groups.sizes().tolist(),
+            },
+            "subset_groups": [
+                [self.groups.names[g] for g in np.unique(index[self.subsets.masks[m]])]
+                for m in range(len(self.subsets))
+            ],
+            "subset_sizes": self.subsets.masks.sum(axis=1).tolist(),
+            "seed_ceiling": {k: v.to_dict() for k, v in self.ceilings.items()},
+        }
 
 
 class _Sync:
@@ -623,6 +657,10 @@ def evaluate(
         jobs, len(subsets), sub_cfg.seeds_per_subset, all_q, spec, gt_dir, proc, progress=progress
     )
 
+    group = None
+    if cfg.group_subsets.enabled:
+        group = _group_stage(cfg, train, sets, all_q, spec, model_hash, out, proc, sync, progress)
+
     # Methods are independent: process r fits and scores methods r, r + W, ... (single-process each).
     for name in methods[proc.index :: proc.count]:
         _run_method(name, cfg, model, train, sets, out, progress)
@@ -630,6 +668,8 @@ def evaluate(
     results, all_scores = [], {}
     for name in methods:
         res, scores = _method_result(name, out, sets, gt, subsets, cfg)
+        if group is not None:
+            res.group_lds = _group_lds(scores, group, cfg)
         results.append(res)
         chosen = cfg.counterfactual.methods
         if res.ok and "generated" in scores and (chosen is None or name in chosen):
@@ -663,6 +703,8 @@ def evaluate(
                 "methods": [r.to_dict() for r in results],
                 "counterfactual": cf_result,
                 "seed_ceiling": {k: v.to_dict() for k, v in ceilings.items()},
+                # Only with group subsets: other evaluations' results.json stay as they were.
+                **({"group_subsets": group.to_dict(cfg)} if group is not None else {}),
             },
         )
         record = read_record(out)
@@ -678,7 +720,79 @@ def evaluate(
         model_hash=model_hash,
         comparison=comparison,
         counterfactual=cf_result,
+        group_subsets=group,
     )
+
+
+GROUP_DIR = "group_subsets"
+
+
+def _group_stage(
+    cfg: EvalConfig,
+    train: ImageDataset,
+    sets: dict[str, Queries],
+    all_q: Queries,
+    spec: GroundTruthSpec,
+    model_hash: str,
+    out: Path,
+    proc: ProcessInfo,
+    sync: _Sync,
+    progress: bool,
+) -> GroupEval:
+    """Group subsets, their retrained models and ground truth in ``out/group_subsets``.
+
+    Only the drawing differs from the image-level subsets: the jobs, the resumable training and
+    the ground truth are the same functions. The folder has its own identity (group settings,
+    the assignment's digest, model, data, ground-truth spec, queries), so it can be added to a
+    finished evaluation and a changed group setting is refused rather than mixed in.
+    """
+    g = cfg.group_subsets
+    folder = out / GROUP_DIR
+    if sync.main:
+        groups = assign_groups(train, g.groups)
+        settings = {k: v for k, v in dataclasses.asdict(g).items() if k != "enabled"}
+        open_result_dir(
+            folder,
+            "eval-group-subsets",
+            {
+                "settings": settings,
+                "groups_digest": groups.digest(),
+                "model_hash": model_hash,
+                "data_hash": train.data_hash(),
+                "ground_truth": dataclasses.asdict(spec),
+                "queries": all_q.names,
+            },
+        )
+        grp.ensure_group_subsets(folder, groups, g.num_subsets, g.alpha, g.seed)
+    sync.wait_main("group-subsets")
+    groups = grp.load_groups(folder)
+    subsets = load_subsets(folder / "subsets")
+    jobs = subset_jobs(cfg.experiment, subsets, g.seeds_per_subset, folder / "models")
+    run_jobs(jobs, train, proc, progress=progress, stack=cfg.stack_models)
+    wait_for_jobs(jobs)
+    gt_dir = folder / "ground_truth"
+    gt = ground_truth(jobs, len(subsets), g.seeds_per_subset, all_q, spec, gt_dir, proc, progress)
+    return GroupEval(groups, subsets, gt, _ceilings(gt, sets, cfg))
+
+
+def _group_lds(
+    scores: dict[str, Scores], group: GroupEval, cfg: EvalConfig
+) -> dict[str, LDSResult]:
+    """LDS of each query set's scores on the group subsets (the image-level scores, unchanged:
+    a lambda-swept method keeps the ridge chosen on the image subsets)."""
+    gt = group.ground_truth
+    return {
+        q: lds(
+            s,
+            group.subsets,
+            gt.losses,
+            gt.query_names,
+            n_boot=cfg.lds.bootstrap,
+            seed=cfg.lds.seed,
+            level=cfg.lds.level,
+        )
+        for q, s in scores.items()
+    }
 
 
 def _ceilings(gt: GroundTruth, sets: dict[str, Queries], cfg: EvalConfig) -> dict[str, SeedCeiling]:

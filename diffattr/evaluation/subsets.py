@@ -114,7 +114,13 @@ def save_subsets(subsets: SubsetMasks, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".subsets.safetensors.tmp"
-    save_file({"masks": subsets.masks.astype(np.uint8), "train_ids": subsets.train_ids}, str(tmp))
+    # safetensors writes the raw buffer: a non-C-contiguous array (e.g. made by fancy indexing
+    # along axis 1) would be saved scrambled, so make both C-contiguous first.
+    tensors = {
+        "masks": np.ascontiguousarray(subsets.masks, dtype=np.uint8),
+        "train_ids": np.ascontiguousarray(subsets.train_ids),
+    }
+    save_file(tensors, str(tmp))
     tmp.replace(folder / "subsets.safetensors")
     write_json_atomic(
         folder / "subsets.json",

@@ -41,9 +41,14 @@ from diffattr.repro import derive_seed, to_jsonable
 log = logging.getLogger(__name__)
 
 
+def check_int(value: Any, what: str, low: int = 1) -> None:
+    """Refuse anything but an int >= ``low`` (bools included), naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what}: expected an int >= {low}, got {value!r}")
+
+
 def _positive_int(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what}: expected an int >= 1, got {value!r}")
+    check_int(value, what, 1)
 
 
 @dataclass

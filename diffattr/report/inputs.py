@@ -1,0 +1,149 @@
+"""What a report starts from: the query image, and one fitted attributor per method.
+
+Each method's attributor comes from its folder ``<features root>/<method>`` (``diffattr
+featurize`` or the demo wrote it); a missing folder is built with the method's default options via
+:func:`~diffattr.attribution.saved.fit_into_folder`. All methods must attribute to the same
+training set, or their rankings could not be compared.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffattr.attribution.base import Attributor, Queries
+from diffattr.attribution.registry import get_spec
+from diffattr.attribution.saved import fit_into_folder, open_folder
+from diffattr.data.dataset import DataError, ImageDataset
+from diffattr.errors import UserError
+from diffattr.repro import MismatchError, read_record
+
+log = logging.getLogger(__name__)
+
+TRAJECTORY_METHODS = frozenset({"journey-trak"})  # need the query's generation trajectory
+EMBEDDING_METHODS = ("clip", "dino", "unet-features")  # their score is an embedding cosine
+
+
+@dataclass
+class MethodRun:
+    """One method's fitted attributor, the folder it lives in and its ``diffattr.json`` record."""
+
+    name: str
+    folder: Path
+    attributor: Attributor
+    train: ImageDataset
+    record: dict[str, Any]
+    built: bool
+    open_seconds: float
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def parse_methods(text: str) -> list[str]:
+    """Comma-separated method names, each checked against the registry (unknown: one-line error)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise UserError("--methods: give at least one method, e.g. d-trak,das,pixel")
+    for name in names:
+        get_spec(name)
+    return list(dict.fromkeys(names))
+
+
+def load_query(path: Path, shape: tuple[int, int, int]) -> Queries:
+    """The query image (must have the model's shape), with its trajectory when it was written by
+    ``diffattr generate`` (a ``sample.json`` beside it and a numbered ``NNNN.png`` name)."""
+    from diffattr.data.images import load_image
+    from diffattr.diffusion.sampling import SampleResult
+
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    image = load_image(path, shape)
+    trajectories = None
+    if (path.parent / "sample.json").exists() and path.stem.isdigit():
+        saved = SampleResult.load(path.parent)
+        index = int(path.stem)
+        if path.name == f"{index:04d}.png" and index < saved.images.shape[0]:
+            trajectories = [saved.trajectory(index)]
+    return Queries(images=image[None], names=[path.name], trajectories=trajectories)
+
+
+def model_data_config(model: Any) -> Any:
+    """The DataConfig the model was trained on (to build a missing attributor folder)."""
+    from diffattr.config import DataConfig
+
+    cfg = model.record.get("config") if isinstance(model.record, dict) else None
+    if not cfg or "data" not in cfg:
+        raise UserError(
+            "the model records no training data, so missing feature folders cannot be built; "
+            "featurize each method first with `diffattr featurize --data ...`"
+        )
+    return DataConfig(**cfg["data"])
+
+
+def open_method(
+    model: Any,
+    model_path: Path,
+    method: str,
+    folder: Path,
+    train_loader: Any,
+    progress: bool,
+) -> MethodRun:
+    """Reopen ``folder`` for ``method``, or build it (defaults) when it does not exist.
+
+    ``train_loader``: a callable returning ``(data_config, train)`` (loaded once, on demand)."""
+    t0 = time.perf_counter()
+    built = not folder.exists()
+    if built:
+        log.info("%s: no feature folder at %s; building it (default options)", method, folder)
+        data_cfg, train = train_loader()
+        attributor = fit_into_folder(
+            model, model_path, method, {}, data_cfg, train, folder, progress
+        )
+    else:
+        attributor, train = open_folder(model, folder, progress=progress)
+    record = read_record(folder)
+    if record["identity"]["method"] != method:
+        raise MismatchError(
+            f"{folder} holds features of {record['identity']['method']!r}, not {method!r}"
+        )
+    return MethodRun(method, folder, attributor, train, record, built, time.perf_counter() - t0)
+
+
+def check_same_training_set(runs: list[MethodRun]) -> None:
+    """Every method must attribute to one training set (same data hash)."""
+    first = runs[0]
+    for run in runs[1:]:
+        if run.record["identity"]["data_hash"] != first.record["identity"]["data_hash"]:
+            raise MismatchError(
+                f"{run.folder} was featurized on other training data than {first.folder}; "
+                "a report compares methods on one training set"
+            )
+
+
+def training_sources(data_config: dict[str, Any], train: ImageDataset) -> dict[int, str]:
+    """Training id -> where the image came from: its file for an image folder, else
+    ``<data set>:<id>``."""
+    sources = {int(i): f"{train.name}:{int(i)}" for i in train.ids.tolist()}
+    if data_config.get("source") != "imagefolder" or not data_config.get("root"):
+        return sources
+    try:  # the loader's own scan, so the files are paired with ids exactly as it pairs them
+        from diffattr.data.imagefolder import _assign_ids, _scan, _split_folder
+
+        folder = _split_folder(Path(data_config["root"]).expanduser(), data_config["split"])
+        entries = _scan(folder)
+        _assign_ids(folder, entries)
+    except (DataError, OSError) as exc:
+        log.warning("could not list the training files (%s); naming images by id", exc)
+        return sources
+    files = {e.id: e.rel for e in entries}
+    return {i: files.get(i, s) for i, s in sources.items()}
+
+
+def train_features(run: MethodRun) -> torch.Tensor | None:
+    """An embedding method's training embeddings ``(n, d)`` (None for other methods)."""
+    feats = getattr(run.attributor, "train_full", None)
+    return feats if isinstance(feats, torch.Tensor) else None
