@@ -21,13 +21,12 @@ normalisation.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,6 +44,7 @@ from diffattr.attribution.projectors import (
     KroneckerProjector,
     ProjectorConfig,
     make_projector,
+    outputs_in_graph,
     projector_info,
 )
 from diffattr.attribution.store import (
@@ -198,7 +198,7 @@ def _kronecker_rows(
     of the *sum* of per-sample outputs at a layer's output is, row by row, each sample's own.
     """
     ac, betas = scheduler_tables(model, x_t.device, x_t.dtype)
-    with proj.capture() as calls, torch.enable_grad(), _weights_require_grad(proj):
+    with proj.capture() as calls, torch.enable_grad(), outputs_in_graph(proj):
         # Projected weights require grad so every layer output is in the graph even for a frozen
         # UNet; only gradients at the layer outputs are requested, so no weight gradient is formed.
         eps = model.eps(x_t.detach(), t, labels)
@@ -215,19 +215,6 @@ def _kronecker_rows(
             g = next(it)
             gouts[ly.name].append(torch.zeros_like(out) if g is None else g.detach())
     return proj.features(acts, gouts, with_norms=with_norms)
-
-
-@contextlib.contextmanager
-def _weights_require_grad(proj: KroneckerProjector) -> Iterator[None]:
-    weights: list[Tensor] = [cast(Tensor, ly.module.weight) for ly in proj.layers]
-    saved = [bool(w.requires_grad) for w in weights]
-    try:
-        for w in weights:
-            w.requires_grad_(True)
-        yield
-    finally:
-        for w, r in zip(weights, saved, strict=True):
-            w.requires_grad_(r)
 
 
 def _check_finite(values: Tensor, what: str, ids: Tensor, t: Tensor, draws: Tensor) -> None:

@@ -540,3 +540,19 @@ def projector_info(proj: IdentityProjector | DenseProjector | KroneckerProjector
             layer_dims={ly.name: [ly.k_out, ly.k_in] for ly in proj.layers},
         )
     return ProjectorInfo(dim=proj.dim, covered=list(proj.shapes))
+
+
+@contextmanager
+def outputs_in_graph(layers: KroneckerProjector) -> Iterator[None]:
+    """Make the layers' weights require grad (restored after), so every layer output is in the
+    autograd graph even for a frozen UNet; only gradients at the outputs are asked for, so no
+    weight gradient is formed."""
+    weights: list[Tensor] = [cast(Tensor, ly.module.weight) for ly in layers.layers]
+    saved = [bool(w.requires_grad) for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        yield
+    finally:
+        for w, r in zip(weights, saved, strict=True):
+            w.requires_grad_(r)

@@ -21,6 +21,7 @@ from typing import Any
 from diffattr.attribution.base import Attributor
 from diffattr.attribution.methods.das import DAS, DASOptions
 from diffattr.attribution.methods.dtrak import DTrak, DTrakOptions
+from diffattr.attribution.methods.ekfac import EKFAC, KFAC, EKFACOptions, KFACOptions
 from diffattr.attribution.methods.embedding import (
     ClipOptions,
     ClipSimilarity,
@@ -116,6 +117,19 @@ ATTRIBUTORS: dict[str, AttributorSpec] = {
             "rise of each training image's loss",
             UnlearnOptions,
             Unlearn,
+        ),
+        AttributorSpec(
+            "ekfac",
+            "Influence functions: query gradient preconditioned by the EK-FAC GGN of the training "
+            "loss, dotted with training loss gradients",
+            EKFACOptions,
+            EKFAC,
+        ),
+        AttributorSpec(
+            "kfac",
+            "Influence functions with the K-FAC GGN (EK-FAC without the eigenvalue correction)",
+            KFACOptions,
+            KFAC,
         ),
         AttributorSpec(
             "clip",
