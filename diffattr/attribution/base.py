@@ -17,25 +17,12 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from diffattr.data.dataset import ImageDataset
+from diffattr.diffusion.trajectory import Trajectory
 from diffattr.repro import write_json_atomic
 from diffattr.stats import spearman_columns, top_k_overlap
 
 # The ranking depth of the stability figure written into scores.json (and the CLI's default).
 DEFAULT_TOP_K = 10
-
-
-@dataclass
-class Trajectory:
-    """One generation's sampling trajectory (what Journey-TRAK differentiates along).
-
-    ``timesteps``: int64 ``(S,)`` scheduler timesteps in sampling order.
-    ``xt``: ``(S, C, H, W)`` the noisy image fed to the model at each step.
-    ``eps``: ``(S, C, H, W)`` the model's predicted noise at each step.
-    """
-
-    timesteps: torch.Tensor
-    xt: torch.Tensor
-    eps: torch.Tensor
 
 
 @dataclass

@@ -35,19 +35,17 @@ gradient dot product.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffattr.attribution.gradients import select_params
 from diffattr.attribution.projectors import (
-    KroneckerLayer,
     KroneckerProjector,
     ProjectorConfig,
+    layer_rows,
+    output_gradients,
 )
 
 # A budget large enough that every layer keeps its full size; only the layer list is used.
@@ -63,39 +61,6 @@ def curvature_layers(unet: nn.Module, params: list[str] | None) -> KroneckerProj
     ``params`` (norm scales and embeddings are not factored; they are skipped there too)."""
     names = list(select_params(unet, params))
     return KroneckerProjector(ProjectorConfig(kind="kronecker", dim=_ALL_DIMS), unet, names)
-
-
-def expand_rows(layer: KroneckerLayer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-position inputs ``(B, P, d_in)`` and output gradients ``(B, P, d_out)`` of one call.
-
-    ``a``: the layer input (conv ``(B, C, H, W)``; Linear ``(B, ..., n_w)``), ``g``: the gradient
-    at its output (conv ``(B, d_out, H', W')``; Linear ``(B, ..., d_out)``). Conv inputs become
-    im2col patches (``F.unfold`` order: channel-major, matching ``W.reshape(d_out, -1)``); every
-    non-batch leading dim of a Linear is a position. A ones column is appended for the bias.
-    """
-    m = layer.module
-    if isinstance(m, nn.Conv2d):
-        cols = F.unfold(
-            a, m.kernel_size, m.dilation, cast(tuple[int, ...], m.padding), m.stride
-        ).transpose(1, 2)
-        grads = g.flatten(2).transpose(1, 2)
-    else:
-        cols = a.reshape(a.shape[0], -1, a.shape[-1])
-        grads = g.reshape(g.shape[0], -1, g.shape[-1])
-    if layer.bias_name is not None:
-        cols = torch.cat([cols, cols.new_ones(*cols.shape[:2], 1)], dim=2)
-    return cols, grads
-
-
-def layer_rows(
-    layer: KroneckerLayer, calls: Sequence[tuple[Tensor, Tensor]]
-) -> tuple[Tensor, Tensor]:
-    """:func:`expand_rows` of every call of the layer in one forward, positions concatenated
-    (a layer used twice contributes both calls' positions to one gradient)."""
-    rows = [expand_rows(layer, a, g) for a, g in calls]
-    if len(rows) == 1:
-        return rows[0]
-    return torch.cat([r[0] for r in rows], dim=1), torch.cat([r[1] for r in rows], dim=1)
 
 
 def factor_sums(cols: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
@@ -176,20 +141,8 @@ def output_grads(
     calls: dict[str, list[tuple[Tensor, Tensor]]],
     total: Tensor,
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per layer, :func:`layer_rows` of the captured ``calls`` (from ``layers.capture()``) with
-    the gradient of the scalar ``total`` at every call's output.
-
-    Samples do not interact inside a UNet (GroupNorm and attention are per sample), so the
-    gradient of a *sum* of per-sample terms is, row by row, each sample's own."""
-    outs = [out for ly in layers.layers for (_, out) in calls[ly.name]]
-    grads = iter(torch.autograd.grad(total, outs, allow_unused=True))
-    rows: dict[str, tuple[Tensor, Tensor]] = {}
-    for ly in layers.layers:
-        if not calls[ly.name]:
-            raise RuntimeError(f"curvature: layer {ly.name!r} was not called in the forward")
-        pairs = []
-        for a, out in calls[ly.name]:
-            g = next(grads)
-            pairs.append((a, torch.zeros_like(out) if g is None else g.detach()))
-        rows[ly.name] = layer_rows(ly, pairs)
-    return rows
+    """Per layer, :func:`~diffattr.attribution.projectors.layer_rows` of the captured ``calls``
+    (from ``layers.capture()``) with the gradient of the scalar ``total`` at every call's output
+    (:func:`~diffattr.attribution.projectors.output_gradients`)."""
+    pairs = output_gradients(layers, calls, total)
+    return {ly.name: layer_rows(ly, pairs[ly.name]) for ly in layers.layers}

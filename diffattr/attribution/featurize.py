@@ -44,6 +44,7 @@ from diffattr.attribution.projectors import (
     KroneckerProjector,
     ProjectorConfig,
     make_projector,
+    output_gradients,
     outputs_in_graph,
     projector_info,
 )
@@ -203,17 +204,9 @@ def _kronecker_rows(
         # UNet; only gradients at the layer outputs are requested, so no weight gradient is formed.
         eps = model.eps(x_t.detach(), t, labels)
         total = output_fn(eps, noise, t, ac, betas).sum()
-        outs = [out for ly in proj.layers for (_, out) in calls[ly.name]]
-        grads = torch.autograd.grad(total, outs, allow_unused=True)
-    acts: dict[str, list[Tensor]] = {}
-    gouts: dict[str, list[Tensor]] = {}
-    it = iter(grads)
-    for ly in proj.layers:
-        acts[ly.name] = [a for (a, _) in calls[ly.name]]
-        gouts[ly.name] = []
-        for _, out in calls[ly.name]:
-            g = next(it)
-            gouts[ly.name].append(torch.zeros_like(out) if g is None else g.detach())
+        pairs = output_gradients(proj, calls, total)
+    acts = {name: [a for a, _ in p] for name, p in pairs.items()}
+    gouts = {name: [g for _, g in p] for name, p in pairs.items()}
     return proj.features(acts, gouts, with_norms=with_norms)
 
 

@@ -13,11 +13,10 @@ While vmapping we therefore switch the attention layers to diffusers' classic ``
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from diffattr.attribution.outputs import OutputFn
+from diffattr.diffusion.model import vmap_friendly_attention
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +69,6 @@ class _EpsCall(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
         return self._model.eps(x, t, class_labels)
-
-
-@contextlib.contextmanager
-def vmap_friendly_attention(unet: nn.Module) -> Iterator[None]:
-    """Temporarily give every diffusers ``Attention`` layer the classic processor; restore after.
-
-    The classic ``AttnProcessor`` computes the same attention with ``baddbmm`` + softmax, which
-    vmap batches; the default SDPA processor would fall back to a per-sample loop under vmap.
-    """
-    from diffusers.models.attention_processor import Attention, AttnProcessor
-
-    saved = [(m, m.processor) for m in unet.modules() if isinstance(m, Attention)]
-    try:
-        for m, _ in saved:
-            m.set_processor(AttnProcessor())
-        yield
-    finally:
-        for m, proc in saved:
-            m.set_processor(proc)
 
 
 def scheduler_tables(model: Any, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -300,6 +300,63 @@ def split_dims(dim: int, sizes: Sequence[tuple[int, int]]) -> list[tuple[int, in
     return out
 
 
+def expand_rows(layer: KroneckerLayer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-position inputs ``(B, P, d_in)`` and output gradients ``(B, P, d_out)`` of one call.
+
+    ``a``: the layer input (conv ``(B, C, H, W)``; Linear ``(B, ..., n_w)``), ``g``: the gradient
+    at its output (conv ``(B, d_out, H', W')``; Linear ``(B, ..., d_out)``). Conv inputs become
+    im2col patches (``F.unfold`` order: channel-major, matching ``W.reshape(d_out, -1)``); every
+    non-batch leading dim of a Linear is a position. A ones column is appended for the bias.
+    """
+    m = layer.module
+    if isinstance(m, nn.Conv2d):
+        cols = F.unfold(
+            a, m.kernel_size, m.dilation, cast(tuple[int, ...], m.padding), m.stride
+        ).transpose(1, 2)
+        grads = g.flatten(2).transpose(1, 2)
+    else:
+        cols = a.reshape(a.shape[0], -1, a.shape[-1])
+        grads = g.reshape(g.shape[0], -1, g.shape[-1])
+    if layer.bias_name is not None:
+        cols = torch.cat([cols, cols.new_ones(*cols.shape[:2], 1)], dim=2)
+    return cols, grads
+
+
+def layer_rows(
+    layer: KroneckerLayer, calls: Sequence[tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """:func:`expand_rows` of every call of the layer in one forward, positions concatenated
+    (a layer used twice contributes both calls' positions to one gradient)."""
+    rows = [expand_rows(layer, a, g) for a, g in calls]
+    if len(rows) == 1:
+        return rows[0]
+    return torch.cat([r[0] for r in rows], dim=1), torch.cat([r[1] for r in rows], dim=1)
+
+
+def output_gradients(
+    layers: KroneckerProjector,
+    calls: Mapping[str, list[tuple[Tensor, Tensor]]],
+    total: Tensor,
+) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """Per layer, per call: ``(input, gradient of the scalar total at the call's output)``.
+
+    ``calls``: what ``layers.capture()`` recorded during the forward that produced ``total``.
+    Samples do not interact inside a UNet (GroupNorm and attention are per sample), so the gradient
+    of a *sum* of per-sample terms at a layer's output is, row by row, each sample's own. A call
+    whose output did not reach ``total`` gets a zero gradient."""
+    outs = [out for ly in layers.layers for (_, out) in calls[ly.name]]
+    grads = iter(torch.autograd.grad(total, outs, allow_unused=True))
+    pairs: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for ly in layers.layers:
+        if not calls[ly.name]:
+            raise RuntimeError(f"kronecker layers: layer {ly.name!r} was not called in the forward")
+        pairs[ly.name] = []
+        for a, out in calls[ly.name]:
+            g = next(grads)
+            pairs[ly.name].append((a, torch.zeros_like(out) if g is None else g.detach()))
+    return pairs
+
+
 def _conv_ok(m: nn.Conv2d) -> bool:
     return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
@@ -427,20 +484,9 @@ class KroneckerProjector:
         return pa, pg
 
     def _rows(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        """Unprojected per-position inputs ``(B, P, d_in)`` (im2col, ones column) and grads."""
+        """:func:`expand_rows` in the projector's dtype."""
         dt = self.config.torch_dtype
-        m = layer.module
-        if isinstance(m, nn.Conv2d):
-            cols = F.unfold(
-                a.to(dt), m.kernel_size, m.dilation, cast(tuple[int, ...], m.padding), m.stride
-            ).transpose(1, 2)
-            gr = g.to(dt).flatten(2).transpose(1, 2)
-        else:
-            cols = a.to(dt).reshape(a.shape[0], -1, a.shape[-1])
-            gr = g.to(dt).reshape(g.shape[0], -1, g.shape[-1])
-        if layer.bias_name is not None:
-            cols = torch.cat([cols, cols.new_ones(*cols.shape[:2], 1)], dim=2)
-        return cols, gr
+        return expand_rows(layer, a.to(dt), g.to(dt))
 
     def layer_grad(self, layer: KroneckerLayer, calls: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Explicit per-sample ``[dW | db]``: ``(B, d_out, d_in)`` (tests, exact norms)."""
@@ -489,9 +535,8 @@ class KroneckerProjector:
         With all positions stacked, ``||sum_p g_p a_p^T||^2 = sum_{p,q} (g_p.g_q)(a_p.a_q)``: the
         Gram form costs ``P^2 (d_in + d_out)``, forming ``dW`` costs ``P d_in d_out``; take the cheaper.
         """
-        rows = [self._rows(layer, a, g) for a, g in calls]
-        cols = torch.cat([r[0] for r in rows], dim=1)
-        gr = torch.cat([r[1] for r in rows], dim=1)
+        dt = self.config.torch_dtype
+        cols, gr = layer_rows(layer, [(a.to(dt), g.to(dt)) for a, g in calls])
         P = cols.shape[1]
         if P * (layer.d_in + layer.d_out) < layer.d_in * layer.d_out:
             ga = cols @ cols.transpose(1, 2)

@@ -316,7 +316,10 @@ def fill_store(
 
     _barrier(accelerator)
     if rank == 0:
-        missing = sorted(set(range(len(starts))) - set(complete_shards(out, shard_rows)))
+        # This process verified or wrote its own shards above; check only the others' (hashing
+        # every shard again would double the cost of reopening a finished store).
+        others = [i for i in range(len(starts)) if i % world != rank]
+        missing = sorted(set(others) - set(complete_shards(out, shard_rows, others)))
         if missing:
             raise IncompleteStoreError(
                 f"{out}: shards {missing[:10]} were not written by any process"

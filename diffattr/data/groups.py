@@ -28,7 +28,7 @@ import numpy as np
 
 from diffattr.data.dataset import DataError, ImageDataset
 
-__all__ = ["GroupAssignment", "GroupSpec", "assign_groups", "parse_group_spec"]
+__all__ = ["GroupAssignment", "GroupSpec", "assign_groups", "kmeans_groups", "parse_group_spec"]
 
 CLASS = "class"
 DEFAULT_N_INIT = 10
@@ -215,17 +215,27 @@ def _csv(train: ImageDataset, path: str) -> GroupAssignment:
     return _from_values([table[i] for i in ids], train, f"csv {path}")
 
 
-def _kmeans(train: ImageDataset, k: int, seed: int, n_init: int) -> GroupAssignment:
-    """K-means on flattened pixels, fitted in id order so the result depends only on the
+def kmeans_groups(
+    train: ImageDataset,
+    k: int,
+    seed: int = 0,
+    n_init: int = DEFAULT_N_INIT,
+    vectors: np.ndarray | None = None,
+) -> GroupAssignment:
+    """K-means on flattened pixels (or on ``vectors`` ``(n, d)``, one row per training image in
+    ``train`` order, e.g. embeddings), fitted in id order so the result depends only on the
     id -> image map; clusters are numbered by their smallest member id (stable names)."""
     from sklearn.cluster import KMeans
 
     n = len(train)
     if k > n:
         raise DataError(f"{train.name}: k-means with K={k} clusters needs >= {k} images, got {n}")
+    if vectors is not None and len(vectors) != n:
+        raise DataError(f"k-means: {len(vectors)} vectors for {n} training images")
     ids = train.ids.numpy()
     order = np.argsort(ids, kind="stable")
-    x = train.images.reshape(n, -1).numpy().astype(np.float64)[order]
+    x = train.images.reshape(n, -1).numpy() if vectors is None else np.asarray(vectors)
+    x = x.reshape(n, -1).astype(np.float64)[order]
     raw = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit_predict(x)
     _, first = np.unique(raw, return_index=True)
     rank = np.empty(k, dtype=np.int64)
@@ -248,6 +258,6 @@ def assign_groups(train: ImageDataset, spec: Any) -> GroupAssignment:
         return _csv(train, s.csv)
     if s.kind == "kmeans":
         assert s.k is not None
-        return _kmeans(train, s.k, s.seed, s.n_init)
+        return kmeans_groups(train, s.k, s.seed, s.n_init)
     assert s.key is not None
     return _grouping(train, s.key)

@@ -115,6 +115,20 @@ def _assign_ids(folder: Path, entries: list[_Entry]) -> None:
     entries.sort(key=lambda e: e.id)
 
 
+def _entries(root: Path, split: str) -> list[_Entry]:
+    """The split's image files with their ids, in id order (ids from ``index.csv`` if present)."""
+    folder = _split_folder(root, split)
+    entries = _scan(folder)
+    _assign_ids(folder, entries)
+    return entries
+
+
+def imagefolder_files(root: str | Path, split: str) -> dict[int, str]:
+    """Id -> file path relative to the split folder (posix), paired exactly as the loader pairs
+    them; raises :class:`DataError` for a folder the loader would refuse."""
+    return {e.id: e.rel for e in _entries(Path(root).expanduser(), split)}
+
+
 def _common_size(entries: list[_Entry]) -> tuple[tuple[int, int], int]:
     """``((w, h), channels)`` shared by all files; the first odd-sized file is an error."""
     first_size, channels = None, 1
@@ -140,8 +154,7 @@ def load_imagefolder(cfg: DataConfig) -> ImageDataset:
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found (expected root/<class_name>/*.png)")
     folder = _split_folder(root, split)
-    entries = _scan(folder)
-    _assign_ids(folder, entries)
+    entries = _entries(root, split)
 
     labelled = entries[0].class_name is not None
     names: list[str] | None = None

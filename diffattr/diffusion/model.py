@@ -118,6 +118,25 @@ def eval_mode(unet: torch.nn.Module) -> Iterator[None]:
         unet.train(was_training)
 
 
+@contextlib.contextmanager
+def vmap_friendly_attention(unet: torch.nn.Module) -> Iterator[None]:
+    """Temporarily give every diffusers ``Attention`` layer the classic processor; restore after.
+
+    The classic ``AttnProcessor`` computes the same attention with ``baddbmm`` + softmax, which
+    vmap batches; the default SDPA processor would fall back to a per-sample loop under vmap.
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    saved = [(m, m.processor) for m in unet.modules() if isinstance(m, Attention)]
+    try:
+        for m, _ in saved:
+            m.set_processor(AttnProcessor())
+        yield
+    finally:
+        for m, proc in saved:
+            m.set_processor(proc)
+
+
 def diffusion_loss(
     model: DiffusionModel,
     x0: torch.Tensor,

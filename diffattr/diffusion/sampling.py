@@ -31,9 +31,9 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffattr.attribution.base import Trajectory
 from diffattr.data.images import make_grid, save_image, save_images
-from diffattr.diffusion.model import DiffusionModel
+from diffattr.diffusion.model import DiffusionModel, eval_mode
+from diffattr.diffusion.trajectory import Trajectory
 from diffattr.errors import OptionError
 from diffattr.repro import derive_seed, write_json_atomic
 
@@ -222,9 +222,7 @@ def sample(
     xt = torch.empty((kept, n, *shape))
     eps = torch.empty((kept, n, *shape))
     device = model.device
-    was_training = model.unet.training
-    model.unet.eval()
-    try:
+    with eval_mode(model.unet):
         for s, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc=sampler)):
             x_next = torch.empty_like(x)
             for lo in range(0, n, batch_size):
@@ -238,8 +236,6 @@ def sample(
                     eps[s, lo : ids.stop] = e.cpu()
                 x_next[lo : ids.stop] = _step(sched, sampler, e, t, xb, eta, seed, ids, s).cpu()
             x = x_next
-    finally:
-        model.unet.train(was_training)
     return SampleResult(
         images=x.clamp(-1.0, 1.0),
         timesteps=timesteps,

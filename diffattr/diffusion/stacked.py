@@ -38,10 +38,15 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from diffattr.attribution.gradients import vmap_friendly_attention
 from diffattr.config import ExperimentConfig, resolve_train_length
 from diffattr.data.dataset import ImageDataset
-from diffattr.diffusion.model import DiffusionModel, build_model, denoising_loss, load_model
+from diffattr.diffusion.model import (
+    DiffusionModel,
+    build_model,
+    denoising_loss,
+    load_model,
+    vmap_friendly_attention,
+)
 from diffattr.diffusion.trainer import (
     TrainState,
     _EpochOrder,

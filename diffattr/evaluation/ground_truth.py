@@ -75,7 +75,7 @@ def query_losses(
     model: Any, queries: Queries, spec: GroundTruthSpec, progress: bool = False
 ) -> np.ndarray:
     """Mean diffusion loss per query ``(Q,)`` float64 over ``spec``'s (timestep, noise) pairs."""
-    from diffattr.diffusion.model import diffusion_loss
+    from diffattr.diffusion.model import diffusion_loss, eval_mode
 
     device = model.device
     images = queries.images.to(torch.float32)
@@ -91,9 +91,7 @@ def query_losses(
     # Pack several (t, d) combos into one forward pass when there are few queries.
     per_batch = max(1, spec.batch_size // n)
     q_chunk = min(n, spec.batch_size)
-    was_training = model.unet.training
-    model.unet.eval()
-    try:
+    with eval_mode(model.unet):
         for lo in tqdm(range(0, len(combos), per_batch), disable=not progress, desc="ground truth"):
             group = combos[lo : lo + per_batch]
             noise = torch.cat([gt_noise(spec.seed, queries.names, t, d, shape) for t, d in group])
@@ -111,8 +109,6 @@ def query_losses(
                 )
                 idx = torch.arange(a, min(b, x0.shape[0])) % n
                 total.index_add_(0, idx, loss.double().cpu())
-    finally:
-        model.unet.train(was_training)
     return (total / len(combos)).numpy()
 
 

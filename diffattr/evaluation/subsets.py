@@ -35,7 +35,7 @@ class SubsetMasks:
     seed: int
 
     def __post_init__(self) -> None:
-        self.masks = np.asarray(self.masks, dtype=bool)
+        self.masks = np.ascontiguousarray(self.masks, dtype=bool)
         self.train_ids = np.asarray(self.train_ids, dtype=np.int64)
         if self.masks.ndim != 2 or self.masks.shape[1] != self.train_ids.shape[0]:
             raise SubsetError(

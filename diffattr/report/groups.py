@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from diffattr.data.dataset import DataError, ImageDataset
-from diffattr.data.groups import assign_groups
+from diffattr.data.groups import assign_groups, kmeans_groups
 from diffattr.errors import UserError
 
 BOOTSTRAP_DRAWS = 1000
@@ -55,15 +55,13 @@ def _from_assignment(
     return Groups(spec, how, g.names, g.aligned(train.ids.numpy()), label)
 
 
-def kmeans_groups(spec: str, k: int, vectors: np.ndarray, what: str, seed: int) -> Groups:
-    """k-means (scikit-learn, ``n_init=10``, seed ``seed``) on ``vectors (n, d)`` (an embedding
-    method's training features; pixel k-means goes through the data layer)."""
-    from sklearn.cluster import KMeans
-
-    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(vectors)
-    names = [f"cluster {i}" for i in range(k)]
-    how = f"k-means, K={k}, on {what} (seed {seed})"
-    return Groups(spec, how, names, labels.astype(np.int64), "")
+def embedding_kmeans(
+    spec: str, k: int, train: ImageDataset, vectors: np.ndarray, what: str, seed: int
+) -> Groups:
+    """The data layer's k-means (stable cluster numbers) on ``vectors (n, d)``, an embedding
+    method's training features in ``train`` order."""
+    g = kmeans_groups(train, k, seed, vectors=vectors)
+    return Groups(spec, f"k-means, K={k}, on {what} (seed {seed})", g.names, g.index, "")
 
 
 def make_groups(
@@ -87,7 +85,8 @@ def make_groups(
                 f"--groups {spec}: K must be between 2 and {min(MAX_KMEANS, len(train))}"
             )
         if embedding is not None:
-            return kmeans_groups(spec, k, embedding[1], f"{embedding[0]} training features", seed)
+            what = f"{embedding[0]} training features"
+            return embedding_kmeans(spec, k, train, embedding[1], what, seed)
         how = f"k-means, K={k}, on pixels (seed {seed})"
         return _from_assignment(spec, how, "", {"kmeans": k, "seed": seed}, train)
     if spec == "class" or spec in train.groups:

@@ -20,6 +20,7 @@ from diffattr.attribution.base import Attributor, Queries
 from diffattr.attribution.registry import get_spec
 from diffattr.attribution.saved import fit_into_folder, open_folder
 from diffattr.data.dataset import DataError, ImageDataset
+from diffattr.data.imagefolder import imagefolder_files
 from diffattr.errors import UserError
 from diffattr.repro import MismatchError, read_record
 
@@ -130,16 +131,11 @@ def training_sources(data_config: dict[str, Any], train: ImageDataset) -> dict[i
     sources = {int(i): f"{train.name}:{int(i)}" for i in train.ids.tolist()}
     if data_config.get("source") != "imagefolder" or not data_config.get("root"):
         return sources
-    try:  # the loader's own scan, so the files are paired with ids exactly as it pairs them
-        from diffattr.data.imagefolder import _assign_ids, _scan, _split_folder
-
-        folder = _split_folder(Path(data_config["root"]).expanduser(), data_config["split"])
-        entries = _scan(folder)
-        _assign_ids(folder, entries)
+    try:
+        files = imagefolder_files(data_config["root"], data_config["split"])
     except (DataError, OSError) as exc:
         log.warning("could not list the training files (%s); naming images by id", exc)
         return sources
-    files = {e.id: e.rel for e in entries}
     return {i: files.get(i, s) for i, s in sources.items()}
 
 

@@ -47,10 +47,6 @@ def check_int(value: Any, what: str, low: int = 1) -> None:
         raise ValueError(f"{what}: expected an int >= {low}, got {value!r}")
 
 
-def _positive_int(value: Any, what: str) -> None:
-    check_int(value, what, 1)
-
-
 @dataclass
 class BaseGradOptions:
     """Gradient settings every gradient method shares.
@@ -78,11 +74,11 @@ class BaseGradOptions:
     stability: bool = True
 
     def __post_init__(self) -> None:
-        _positive_int(self.num_noise, "num_noise")
+        check_int(self.num_noise, "num_noise")
         if not isinstance(self.stability, bool):
             raise ValueError(f"stability: expected true or false, got {self.stability!r}")
-        _positive_int(self.proj_dim, "proj_dim")
-        _positive_int(self.batch_size, "batch_size")
+        check_int(self.proj_dim, "proj_dim")
+        check_int(self.batch_size, "batch_size")
         check_noise_policy(self.noise)
         if self.projector not in PROJECTOR_KINDS:
             raise ValueError(
@@ -141,15 +137,15 @@ class GradientOptions(BaseGradOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive_int(self.timesteps, "timesteps")
+        check_int(self.timesteps, "timesteps")
         if self.t_min is not None and (
             isinstance(self.t_min, bool) or not isinstance(self.t_min, int) or self.t_min < 0
         ):
             raise ValueError(f"t_min: expected an int >= 0 or null, got {self.t_min!r}")
         if self.query_timesteps is not None:
-            _positive_int(self.query_timesteps, "query_timesteps")
+            check_int(self.query_timesteps, "query_timesteps")
         if self.query_num_noise is not None:
-            _positive_int(self.query_num_noise, "query_num_noise")
+            check_int(self.query_num_noise, "query_num_noise")
         if self.timestep_kind not in ("uniform", "random", "list"):
             raise ValueError(
                 f"timestep_kind: {self.timestep_kind!r} is unknown; expected uniform, random or list"

@@ -47,7 +47,7 @@ from diffattr.attribution.methods.common import (
     GradientAttributor,
     QueryFeatures,
     _check_lambda,
-    _positive_int,
+    check_int,
     content_ids,
     kernel_device,
     labels_for,
@@ -78,8 +78,8 @@ class JourneyOptions(BaseGradOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive_int(self.step_stride, "step_stride")
-        _positive_int(self.query_draws, "query_draws")
+        check_int(self.step_stride, "step_stride")
+        check_int(self.query_draws, "query_draws")
         _check_lambda(self.lam, self.lambda_scale)
         self.lam = None if self.lam is None else float(self.lam)
         self.lambda_scale = float(self.lambda_scale)

@@ -380,7 +380,6 @@ class Unlearn(GradientAttributor):
     def _fit(self, train: ImageDataset) -> None:
         o = self.options
         self.params = select_params(self.model.unet, o.patterns())
-        names = list(select_params(self.model.unet))
         sizes = {n: p.numel() for n, p in select_params(self.model.unet).items()}
         t0 = time.perf_counter()
         P = sum(sizes.values())
@@ -397,8 +396,10 @@ class Unlearn(GradientAttributor):
             ),
         )
         fisher = fisher_rows.to(torch.float64).mean(dim=0)
-        offsets = dict(zip(names, np.cumsum([0, *sizes.values()])[:-1].tolist(), strict=True))
-        sel = torch.cat([fisher[offsets[n] : offsets[n] + sizes[n]] for n in self.params])
+        offsets = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist(), strict=True))
+        # The Fisher rows cover every parameter (see query_gradient); keep the selected ones.
+        selected = {n: fisher[offsets[n] : offsets[n] + sizes[n]] for n in self.params}
+        sel = torch.cat(list(selected.values()))
         damp = o.damping * float(sel.mean())
         if not float(sel.min()) + damp > 0:
             raise ValueError(
@@ -406,9 +407,7 @@ class Unlearn(GradientAttributor):
                 f"{o.damping}; set damping > 0"
             )
         self.inv_fisher = {
-            n: (1.0 / (fisher[offsets[n] : offsets[n] + sizes[n]] + damp))
-            .reshape(p.shape)
-            .to(p.dtype)
+            n: (1.0 / (selected[n] + damp)).reshape(p.shape).to(p.dtype)
             for n, p in self.params.items()
         }
         self.timing["fisher_s"] = time.perf_counter() - t0
@@ -465,8 +464,8 @@ class Unlearn(GradientAttributor):
         labels = labels_for(self.model, train.labels, len(train), "training images")
         saved = {n: p.detach().clone() for n, p in self.params.items()}
         out = []
-        try:
-            for cols in self._halves():
+        for cols in self._halves():
+            try:
                 half = [samples[c] for c in cols]
                 timesteps = sorted({t for t, _ in half})
                 query_samples = [(t, d) for t in timesteps for d in range(o.query_num_noise)]
@@ -477,13 +476,10 @@ class Unlearn(GradientAttributor):
                     before = self.base_losses[:, v, cols].to(torch.float64)
                     per_view.append((after - before).mean(dim=1))
                 out.append(torch.stack(per_view).amax(dim=0))
+            finally:  # every half starts from, and the model ends with, the original weights
                 with torch.no_grad():
                     for n, p in self.params.items():
                         p.copy_(saved[n])
-        finally:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(saved[n])
         return out
 
     def score(self, queries: Queries) -> Scores:
