@@ -178,10 +178,19 @@ def cmd_featurize(args: argparse.Namespace) -> int:
     from diffattr.attribution.saved import fit_into_folder
     from diffattr.data import load_dataset
     from diffattr.diffusion.model import load_model
+    from diffattr.errors import UserError
 
     model = load_model(args.model)
     data_cfg = _data_config(args, _model_data_config(model))
     train = load_dataset(data_cfg)
+    want = getattr(model, "image_shape", None)
+    if want is not None and tuple(train.images.shape[1:]) != tuple(want):
+        got = "x".join(str(d) for d in train.images.shape[1:])
+        raise UserError(
+            f"data {data_cfg.source!r} gives {got} images but the model {args.model} takes "
+            f"{'x'.join(str(d) for d in want)}; set --size {want[-1]} (or leave out --data to use "
+            "the model's own data settings)"
+        )
     options = _parse_options(args.option or [])
     for key in ("timesteps", "proj_dim", "projector", "output", "batch_size", "seed"):
         value = getattr(args, key)
@@ -227,6 +236,7 @@ def _load_queries(args: argparse.Namespace, shape: tuple[int, int, int]):
 def cmd_attribute(args: argparse.Namespace) -> int:
     from diffattr.attribution.base import describe_stability
     from diffattr.attribution.saved import open_folder
+    from diffattr.data.groups import GroupAssignment
     from diffattr.diffusion.model import load_model
 
     model = load_model(args.model)
@@ -234,16 +244,35 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     attributor, _ = open_folder(model, args.features, progress=not args.quiet)
     scores = attributor.score(queries)
     k = args.top_k
-    stability = scores.stability(k)
-    for q, (name, row) in enumerate(zip(scores.query_names, scores.top_k(k), strict=True)):
-        sys.stdout.write(f"{name}: top-{k} training images by {scores.method}\n")
-        for rank, (train_id, value) in enumerate(row, 1):
-            sys.stdout.write(f"  {rank:3d}. id {train_id:6d}  score {value:+.5g}\n")
-        sys.stdout.write(f"  {describe_stability(stability, q)}\n")
+    groups = getattr(attributor, "groups", None)
+    if isinstance(groups, GroupAssignment):  # a group method: its images tie within a group
+        _print_top_groups(scores.per_group(groups), groups, k)
+    else:
+        stability = scores.stability(k)
+        for q, (name, row) in enumerate(zip(scores.query_names, scores.top_k(k), strict=True)):
+            sys.stdout.write(f"{name}: top-{k} training images by {scores.method}\n")
+            for rank, (train_id, value) in enumerate(row, 1):
+                sys.stdout.write(f"  {rank:3d}. id {train_id:6d}  score {value:+.5g}\n")
+            sys.stdout.write(f"  {describe_stability(stability, q)}\n")
     if args.out:
         scores.save(args.out, top_k=k)
         log.info("scores (%d x %d) written to %s", *scores.values.shape, args.out)
     return 0
+
+
+def _print_top_groups(scores: Any, groups: Any, k: int) -> None:
+    """Per query, the top-``k`` groups of group-level ``scores`` with names, sizes, stability."""
+    from diffattr.attribution.base import describe_stability
+
+    k = min(k, groups.num_groups)
+    sizes = groups.sizes()
+    stability = scores.stability(k)
+    for q, (name, row) in enumerate(zip(scores.query_names, scores.top_k(k), strict=True)):
+        sys.stdout.write(f"{name}: top-{k} of {groups.num_groups} groups by {scores.method}\n")
+        for rank, (g, value) in enumerate(row, 1):
+            label = f"{groups.names[g]} ({sizes[g]} images)"
+            sys.stdout.write(f"  {rank:3d}. {label:<28s} score {value:+.5g}\n")
+        sys.stdout.write(f"  {describe_stability(stability, q)}\n")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

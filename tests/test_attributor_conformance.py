@@ -45,6 +45,8 @@ def required_options(tmp_path_factory) -> dict[str, dict[str, Any]]:
     return {
         "clip": {"model": str(tiny_clip_folder(root / "clip"))},
         "dino": {"model": str(tiny_dino_folder(root / "dino"))},
+        # The toy set has no labels: groups from k-means.
+        "ggda": {"groups": {"kmeans": 3}},
     }
 
 

@@ -149,6 +149,23 @@ def test_attribute_without_a_store_is_one_clear_error(workspace, caplog):
     assert "no such folder" in caplog.text
 
 
+def test_featurize_with_data_of_another_size_is_one_clear_error(workspace, caplog, tmp_path):
+    args = ["--data", "digits-2", "--size", "16", *TRAK_ARGS]
+    assert featurize(workspace["run"], "trak", tmp_path / "f", *args) == 2
+    assert "gives 1x16x16 images but the model" in caplog.text and "takes 1x8x8" in caplog.text
+    assert not (tmp_path / "f").exists()
+
+
+def test_ggda_featurizes_and_attributes_from_the_command_line(workspace, tmp_path, capsys):
+    feats = tmp_path / "ggda"
+    extra = ["--option", 'groups={"kmeans": 3}', "--option", "timesteps_per_image=1"]
+    assert featurize(workspace["run"], "ggda", feats, *TRAK_ARGS, *extra) == 0
+    assert attribute(workspace["run"], feats, "--image", str(workspace["gen"] / "0000.png")) == 0
+    out = capsys.readouterr().out
+    assert "0000.png: top-3 of 3 groups by ggda" in out  # groups, not tied images
+    assert out.count("cluster-") == 3 and "stability: exact" in out  # r = 1: no halves
+
+
 def test_negative_train_steps_are_refused(workspace, caplog, tmp_path):
     cfg = yaml.safe_load(workspace["cfg"].read_text())
     cfg["train"]["steps"] = -5

@@ -298,6 +298,7 @@ def _report_args(ws, out: Path, **over: str) -> list[str]:
     [
         ({"--image": "nowhere.png"}, "nowhere.png: image file not found"),
         ({"--methods": "pixel,nosuch"}, "'nosuch' is unknown"),
+        ({"--methods": "pixel,ggda"}, "ggda scores groups, not images"),
         ({"--groups": "kmeans:x"}, "K must be an integer"),
         ({"--eval": "no-eval-here"}, "no results.json"),
     ],

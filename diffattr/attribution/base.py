@@ -17,6 +17,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from diffattr.data.dataset import ImageDataset
+from diffattr.data.groups import GroupAssignment
 from diffattr.diffusion.trajectory import Trajectory
 from diffattr.repro import write_json_atomic
 from diffattr.stats import spearman_columns, top_k_overlap
@@ -143,6 +144,24 @@ class Scores:
             [(int(self.train_ids[j]), float(self.values[q, j])) for j in order[q]]
             for q in range(self.values.shape[0])
         ]
+
+    def per_group(self, groups: GroupAssignment) -> Scores:
+        """The same scores with one column per group of ``groups`` (its images' scores summed,
+        halves likewise): ``(n_queries, K)``, ``train_ids`` the group indices ``0..K-1``."""
+        index = groups.aligned(self.train_ids)
+        onehot = np.zeros((len(index), groups.num_groups))
+        onehot[np.arange(len(index)), index] = 1.0
+        halves = None
+        if self.halves is not None:
+            halves = np.einsum("hqn,nk->hqk", self.halves.astype(np.float64), onehot)
+        return Scores(
+            values=self.values.astype(np.float64) @ onehot,
+            train_ids=np.arange(groups.num_groups),
+            query_names=list(self.query_names),
+            method=self.method,
+            config=self.config,
+            halves=halves,
+        )
 
     def stability(self, k: int = DEFAULT_TOP_K) -> Stability | None:
         """Top-``k`` overlap and rank correlation of the two halves (None without halves)."""

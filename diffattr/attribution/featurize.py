@@ -80,6 +80,7 @@ __all__ = [
     "featurize",
     "merge_halves",
     "per_step_features",
+    "row_features",
     "split_halves",
 ]
 
@@ -340,6 +341,60 @@ def per_step_features(
     return feats if keep_draws else feats.mean(dim=2)
 
 
+def row_features(
+    model: Any,
+    x0: Tensor,
+    ids: Tensor,
+    t: Tensor,
+    args: FeaturizeArgs,
+    class_labels: Tensor | None = None,
+) -> Tensor:
+    """Per-draw features ``(R, D, k)`` of explicit rows: clean image ``x0[r]`` ``(R, C, H, W)``
+    of sample ``ids[r]`` at timestep ``t[r]``, ``D = args.num_noise`` noise draws each.
+
+    Row ``r``'s features equal those :func:`per_step_features` gives the same image, id and
+    timestep (same noise, same projector); the rows need not share timesteps, which lets a group
+    of images split a timestep budget between its members (:mod:`~diffattr.attribution.groupfeat`).
+    """
+    args.validate()
+    ids = torch.as_tensor(ids, dtype=torch.int64).flatten().cpu()
+    t = torch.as_tensor(t, dtype=torch.int64).flatten().cpu()
+    R, D = int(ids.shape[0]), args.num_noise
+    if x0.ndim != 4 or x0.shape[0] != R or t.shape[0] != R:
+        raise ValueError(
+            f"row_features: x0 must be (R, C, H, W) with R = {R} ids and {R} timesteps, got "
+            f"x0 {tuple(x0.shape)} and {t.shape[0]} timesteps"
+        )
+    validate_timesteps(sorted(set(t.tolist())), int(model.scheduler.config.num_train_timesteps))
+    image_shape = getattr(model, "image_shape", None)
+    if image_shape is not None and tuple(x0.shape[-3:]) != tuple(image_shape):
+        raise ValueError(
+            f"row_features: images are {tuple(x0.shape[-3:])}, the model takes {tuple(image_shape)}"
+        )
+    if class_labels is not None and tuple(class_labels.shape) != (R,):
+        raise ValueError(
+            f"row_features: class_labels must be ({R},), got {tuple(class_labels.shape)}"
+        )
+    proj, params = build_projector(model, args)
+    b_idx = torch.arange(R).repeat_interleave(D)
+    d_idx = torch.arange(D).repeat(R)
+    with eval_mode(model.unet):
+        feats = _row_features(
+            model,
+            proj,
+            params,
+            lambda sl: x0[b_idx[sl]],
+            b_idx,
+            t[b_idx],
+            d_idx,
+            ids,
+            args,
+            class_labels,
+            model.device,
+        )
+    return feats.reshape(R, D, feats.shape[1])
+
+
 def _features(
     model: Any,
     proj: AnyProjector,
@@ -358,6 +413,32 @@ def _features(
     s_idx = torch.arange(S).repeat_interleave(D).repeat(B)
     d_idx = torch.arange(D).repeat(B * S)
     t_rows = torch.tensor(timesteps, dtype=torch.int64)[s_idx]
+
+    def images(sl: slice) -> Tensor:
+        bi = b_idx[sl]
+        return x0[bi, s_idx[sl]] if x0.ndim == 5 else x0[bi]
+
+    feats = _row_features(
+        model, proj, params, images, b_idx, t_rows, d_idx, ids, args, class_labels, device
+    )
+    return feats.reshape(B, S, D, feats.shape[1])
+
+
+def _row_features(
+    model: Any,
+    proj: AnyProjector,
+    params: dict[str, torch.nn.Parameter],
+    images: Callable[[slice], Tensor],
+    b_idx: Tensor,
+    t_rows: Tensor,
+    d_idx: Tensor,
+    ids: Tensor,
+    args: FeaturizeArgs,
+    class_labels: Tensor | None,
+    device: torch.device,
+) -> Tensor:
+    """Features ``(R, k)`` of ``R`` explicit rows: row ``r`` is image ``images(r)`` (clean,
+    ``(C, H, W)``) of sample ``b_idx[r]`` at timestep ``t_rows[r]`` with noise draw ``d_idx[r]``."""
     out: list[Tensor] = []
     # Dense projection regenerates its matrix blocks on every call (beyond the cache), so raw
     # gradients of several chunks are pooled (up to PROJECT_BUFFER_BYTES) and projected together.
@@ -383,11 +464,10 @@ def _features(
         pending.clear()
         pending_bytes = 0
 
-    for r0 in range(0, B * S * D, args.batch_size):
+    for r0 in range(0, int(b_idx.shape[0]), args.batch_size):
         sl = slice(r0, r0 + args.batch_size)
-        bi, si = b_idx[sl], s_idx[sl]
-        xr = (x0[bi, si] if x0.ndim == 5 else x0[bi]).to(device)
-        rows = _Rows(xr, ids[bi], t_rows[sl], d_idx[sl])
+        bi = b_idx[sl]
+        rows = _Rows(images(sl).to(device), ids[bi], t_rows[sl], d_idx[sl])
         labels = None if class_labels is None else class_labels[bi].to(device)
         if isinstance(proj, KroneckerProjector):
             out.append(_kronecker_features(model, proj, rows, labels, args))
@@ -398,8 +478,7 @@ def _features(
         if not isinstance(proj, DenseProjector) or pending_bytes >= PROJECT_BUFFER_BYTES:
             flush()
     flush()
-    k = out[0].shape[1]
-    return torch.cat(out).reshape(B, S, D, k)
+    return torch.cat(out)
 
 
 def aggregate(feats: Tensor, how: str) -> Tensor:

@@ -30,6 +30,7 @@ from diffattr.attribution.methods.embedding import (
     UNetFeatureOptions,
     UNetFeatureSimilarity,
 )
+from diffattr.attribution.methods.ggda import GGDA, GGDAOptions
 from diffattr.attribution.methods.journey import JourneyOptions, JourneyTrak
 from diffattr.attribution.methods.pixel import PixelCosine, PixelOptions
 from diffattr.attribution.methods.tracin import (
@@ -74,6 +75,13 @@ ATTRIBUTORS: dict[str, AttributorSpec] = {
             "D-TRAK: TRAK kernel on gradients of a loss-free output (default: squared noise norm)",
             DTrakOptions,
             DTrak,
+        ),
+        AttributorSpec(
+            "ggda",
+            "GGDA: D-TRAK with one feature per training group (class, CSV or k-means) and a "
+            "kernel over groups; images share their group's score",
+            GGDAOptions,
+            GGDA,
         ),
         AttributorSpec(
             "journey-trak",

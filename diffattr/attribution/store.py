@@ -247,6 +247,7 @@ def fill_store(
     manifest_extra: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
     on_shard: Callable[[int], None] | None = None,
+    unit: str = "image",
 ) -> FeatureStore:
     """Compute the features of ``len(ids)`` items into the resumable store at ``out``.
 
@@ -258,7 +259,8 @@ def fill_store(
     ``accelerator`` of ``world`` processes, shard ``i`` is computed by process ``i % world``;
     process 0 then checks every shard and marks the store complete. Shards are written in
     ``dtype`` (float32 or float16). ``manifest_extra``: more manifest entries (projector info).
-    ``on_shard(i)`` is called after shard ``i`` is written (tests use it to simulate a kill).
+    ``on_shard(i)`` is called after shard ``i`` is written (tests use it to simulate a kill);
+    ``unit``: what an item is, for the progress bar.
     """
     out = Path(out)
     ids = torch.as_tensor(ids, dtype=torch.int64).flatten().cpu()
@@ -302,7 +304,7 @@ def fill_store(
     bar = tqdm(
         total=sum(shard_rows[i] for i in todo),
         desc=f"featurize {label}",
-        unit="image",
+        unit=unit,
         disable=not progress or rank != 0 or not todo,
     )
     for i in todo:

@@ -12,27 +12,23 @@ removal?".
 Files (under the evaluation's ``group_subsets/``): ``subsets/`` (as :func:`save_subsets` writes
 them) and ``groups.json`` (the group of every training id, the kept groups of every subset).
 
-:func:`grouped_trak_scores` offers GGDA's speed-up for TRAK-family kernels: one feature per group
-(the sum of its members' features) scored with the same kernel.
+GGDA's own method, one feature per group scored with a kernel over groups, is the ``ggda``
+attributor (:mod:`diffattr.attribution.methods.ggda`); ``configs/eval/digits2-groups.yaml``
+measures it here against the summed image scores.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
 from diffattr.attribution.base import Scores
 from diffattr.data.groups import GroupAssignment
 from diffattr.evaluation.subsets import SubsetError, SubsetMasks, load_subsets, save_subsets
 from diffattr.repro import derive_seed, write_json_atomic
-from diffattr.stats import spearman_columns
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +68,7 @@ def make_group_subsets(
     """Image masks ``(M, n)`` of ``num_subsets`` group subsets (each keeps ``round(alpha * K)``
     whole groups); ``masks[m, j]`` is true when image j's group is kept in subset m."""
     kept = kept_groups(groups.num_groups, num_subsets, alpha, seed)
-    masks = np.ascontiguousarray(kept[:, groups.index])  # (M, n): each image takes its group's
+    masks = kept[:, groups.index]  # (M, n): each image takes its group's
     return SubsetMasks(masks=masks, train_ids=groups.train_ids, alpha=alpha, seed=seed)
 
 
@@ -129,101 +125,3 @@ def group_score_sums(scores: Scores, groups: GroupAssignment) -> np.ndarray:
     out = np.zeros((len(scores.query_names), groups.num_groups))
     np.add.at(out.T, index, scores.values.astype(np.float64).T)  # out[:, g] += values[:, j]
     return out
-
-
-# ------------------------------------------------------------------ grouped features (GGDA)
-
-
-def grouped_trak_scores(
-    kernel: Any,
-    query_feats: torch.Tensor,
-    groups: GroupAssignment,
-    weights: torch.Tensor | None = None,
-    reduce: str = "sum",
-    refit_kernel: bool = False,
-) -> torch.Tensor:
-    """GGDA group scores ``(Q, K)`` from one feature per group, for a fitted TRAK kernel.
-
-    ``kernel``: a :class:`~diffattr.attribution.scoring.TrakKernel` over training features
-    ``Phi`` ``(n, k)`` (rows in ``groups.train_ids`` order); ``weights`` ``(n,)``: the method's
-    per-image score weights (DAS; ``None`` for TRAK / D-TRAK). The group feature is
-    ``sum_{i in g} w_i phi_i`` (``reduce="mean"``: divided by the group size). With the image
-    kernel (``refit_kernel=False``) the score is linear in the training feature, so ``"sum"``
-    equals the summed image scores exactly (up to rounding) at the cost of ``K`` instead of ``n``
-    rows. ``refit_kernel=True`` is GGDA's full recipe: the Gram matrix and ridge rule are also
-    computed from the ``K`` group features (cheaper for large ``n``; an approximation).
-    """
-    from diffattr.attribution.scoring import TrakKernel
-
-    if reduce not in ("sum", "mean"):
-        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
-    phi = kernel.phi.to(torch.float64)
-    if phi.shape[0] != len(groups.index):
-        raise ValueError(f"kernel has {phi.shape[0]} training rows, groups {len(groups.index)}")
-    if weights is not None:
-        phi = phi * weights.to(torch.float64)[:, None]
-    onehot = torch.as_tensor(groups.one_hot())  # (n, K)
-    if reduce == "mean":
-        onehot = onehot / onehot.sum(dim=0).clamp(min=1.0)
-    group_phi = onehot.T @ phi  # (K, k)
-    if refit_kernel:
-        return TrakKernel(group_phi.to(torch.float32)).scores(query_feats)
-    # The image kernel's Cholesky factor, applied to group rows instead of image rows.
-    q = query_feats.to(kernel.device, torch.float64)
-    w = torch.cholesky_solve(q.T, kernel.chol)  # (k, Q)
-    return (group_phi.to(kernel.device) @ w).T.to(torch.float32).cpu()
-
-
-@dataclass
-class GroupedFeatureCheck:
-    """How grouped-feature scores compare with the summed image scores of the same kernel."""
-
-    max_abs_diff: float  # image kernel, "sum": exact up to rounding
-    rel_diff: float  # max_abs_diff / max |summed image score|
-    refit_spearman: float  # mean over queries: refit-kernel group scores vs summed image scores
-    image_seconds: float  # image scores (Q, n) then summed into groups
-    grouped_seconds: float  # grouped features with the image kernel
-    refit_seconds: float  # grouped features with a group kernel (Gram + Cholesky included)
-
-    def to_dict(self) -> dict[str, float]:
-        return dict(vars(self))
-
-
-def check_grouped_features(
-    kernel: Any,
-    query_feats: torch.Tensor,
-    groups: GroupAssignment,
-    weights: torch.Tensor | None = None,
-    repeats: int = 3,
-) -> GroupedFeatureCheck:
-    """Compare :func:`grouped_trak_scores` with the image scores summed per group (best of
-    ``repeats`` timings each; query featurization, common to all, is not timed)."""
-
-    def best(fn: Any) -> tuple[Any, float]:
-        times, out = [], None
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-        return out, min(times)
-
-    def image() -> torch.Tensor:
-        s = kernel.scores(query_feats).to(torch.float64)
-        s = s if weights is None else s * weights.to(torch.float64)[None, :]
-        return s @ torch.as_tensor(groups.one_hot())
-
-    ref, t_img = best(image)
-    grp, t_grp = best(lambda: grouped_trak_scores(kernel, query_feats, groups, weights))
-    refit, t_refit = best(
-        lambda: grouped_trak_scores(kernel, query_feats, groups, weights, refit_kernel=True)
-    )
-    diff = float((grp.to(torch.float64) - ref).abs().max())
-    rho = spearman_columns(refit.to(torch.float64).numpy().T, ref.numpy().T)
-    return GroupedFeatureCheck(
-        max_abs_diff=diff,
-        rel_diff=diff / max(float(ref.abs().max()), 1e-30),
-        refit_spearman=float(np.nanmean(rho)),
-        image_seconds=t_img,
-        grouped_seconds=t_grp,
-        refit_seconds=t_refit,
-    )
