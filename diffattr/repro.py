@@ -15,7 +15,8 @@ import os
 import platform
 import random
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,38 @@ def derive_seed(*parts: int | str) -> int:
         h.update(str(p).encode())
         h.update(b"\x00")
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def _tensor_state(t: torch.Tensor) -> tuple[Any, ...]:
+    # The version counter moves on every in-place change (under no_grad too); the data pointer,
+    # dtype and device move when a module is cast or moved (``.to`` swaps ``.data``).
+    return (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride())
+
+
+def memo_digest(owner: Any, tensors: Sequence[torch.Tensor], compute: Callable[[], str]) -> str:
+    """``compute()``, remembered on ``owner`` while every tensor of ``tensors`` is the same object
+    in the same state (no in-place change, cast or move since).
+
+    Every store folder and store identity asks for the model and data hashes; on a CIFAR-size set
+    or a large UNet each costs about a second. Weak references: the memo keeps nothing alive.
+    Inference-mode tensors have no version counter, so they are always hashed afresh."""
+    try:
+        state = tuple(_tensor_state(t) for t in tensors)
+    except RuntimeError:
+        return compute()
+    memo = getattr(owner, "_digest_memo", None)
+    if (
+        memo is not None
+        and len(memo[0]) == len(tensors)
+        and all(ref() is t for ref, t in zip(memo[0], tensors, strict=True))
+        and memo[1] == state
+    ):
+        return str(memo[2])
+    digest = compute()
+    object.__setattr__(
+        owner, "_digest_memo", (tuple(weakref.ref(t) for t in tensors), state, digest)
+    )
+    return digest
 
 
 def state_dict_hash(module_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:

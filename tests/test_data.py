@@ -513,3 +513,22 @@ def test_registry_lists_contract_names():
         "imagefolder",
     }
     assert all(desc for _, desc in list_datasets())
+
+
+def test_data_hash_is_remembered_only_while_the_tensors_are_unchanged():
+    from diffattr.data.dataset import ImageDataset
+
+    g = torch.Generator().manual_seed(0)
+    d = ImageDataset("m", torch.rand(4, 1, 8, 8, generator=g), torch.arange(4))
+
+    def fresh() -> str:
+        return ImageDataset("f", d.images.clone(), d.ids.clone(), d.labels)._data_hash()
+
+    first = d.data_hash()
+    assert d.data_hash() == first == fresh()
+    d.images[0, 0, 0, 0] += 1.0  # in place: the version counter moves
+    assert d.data_hash() != first and d.data_hash() == fresh()
+    d.images = d.images.to(torch.float64)  # replaced (cast)
+    assert d.data_hash() == fresh()
+    d.labels = torch.tensor([0, 1, 0, 1])  # a tensor added
+    assert d.data_hash() == fresh() != ImageDataset("n", d.images, d.ids).data_hash()

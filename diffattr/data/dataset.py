@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from diffattr.errors import UserError
+from diffattr.repro import memo_digest
 
 
 class DataError(UserError, ValueError):
@@ -103,7 +104,14 @@ class ImageDataset:
         )
 
     def data_hash(self) -> str:
-        """sha256 over ids, shape and image bytes (and labels): identical data, identical hash."""
+        """sha256 over ids, shape and image bytes (and labels): identical data, identical hash
+        (remembered until a tensor is replaced or changed in place: :func:`~diffattr.repro.memo_digest`;
+        a change through ``.data`` bypasses the version counter and is not seen: data sets are
+        never modified that way here)."""
+        tensors = [self.images, self.ids] + ([] if self.labels is None else [self.labels])
+        return memo_digest(self, tensors, self._data_hash)
+
+    def _data_hash(self) -> str:
         h = hashlib.sha256()
         h.update(str(tuple(self.images.shape)).encode())
         h.update(self.ids.to(torch.int64).contiguous().numpy().tobytes())
