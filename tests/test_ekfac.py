@@ -279,10 +279,16 @@ def brute_force_grads(model, images, ids, timesteps, output, seed, names) -> dic
     return total
 
 
-@pytest.mark.parametrize("method", ["ekfac", "kfac"])
-def test_scores_equal_the_dense_formula(model64, train, method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "measurement", "output"),
+    [("ekfac", "elbo", "loss"), ("kfac", "elbo", "loss"), ("ekfac", "square", "square")],
+)
+def test_scores_equal_the_dense_formula(
+    model64, train, method: str, measurement: str, output: str
+) -> None:
     """score = g_q^T (G + damping I)^-1 g_i with the dense per-layer (E)K-FAC matrices, exact
-    (identity projector) on a parameter subset; measurement elbo on the query side."""
+    (identity projector) on a parameter subset; measurement elbo (or square) on the query side,
+    the training side's output loss (or square)."""
     train = ImageDataset("toy64", train.images.to(F64), train.ids)
     attr = make_attributor(
         method,
@@ -294,29 +300,39 @@ def test_scores_equal_the_dense_formula(model64, train, method: str) -> None:
         seed=1,
         factor_passes=2,
         batch_size=4,
-        measurement="elbo",
+        measurement=measurement,
+        output=output,
     )
     attr.fit(train)
     queries = Queries(images=train.images[[1, 4]] + 0.05, names=["a", "b"])
     s = attr.score(queries)
     ts = attr.query_args().timesteps.timesteps()
-    want = dense_scores(attr, model64, train, queries.images, ts)
+    want = dense_scores(attr, model64, train, queries.images, ts, measurement, output)
     tol = {"rtol": 1e-4, "atol": 1e-6 * float(want.abs().max())}
     np.testing.assert_allclose(s.values, want.numpy(), **tol)
     # the stability halves: samples (here timesteps) alternate, on both sides
     assert s.halves is not None and s.halves.shape == (2, 2, len(train))
     for h in (0, 1):
-        want = dense_scores(attr, model64, train, queries.images, ts[h::2])
+        want = dense_scores(attr, model64, train, queries.images, ts[h::2], measurement, output)
         np.testing.assert_allclose(s.halves[h], want.numpy(), **tol)
 
 
-def dense_scores(attr, model, train: ImageDataset, queries: Tensor, ts: list[int]) -> Tensor:
+def dense_scores(
+    attr,
+    model,
+    train: ImageDataset,
+    queries: Tensor,
+    ts: list[int],
+    measurement: str,
+    output: str = "loss",
+) -> Tensor:
     """``g_q^T (G + damping I)^-1 g_i`` ``(m, n)``: per layer, the dense (E)K-FAC matrix of the
-    fitted curvature, gradients by brute force (loss for training images, elbo for queries)."""
+    fitted curvature, gradients by brute force (``output`` for training images, ``measurement``
+    for queries)."""
     names = [n for ly in attr.layers.layers for n in (ly.weight_name, ly.bias_name) if n]
-    g_train = brute_force_grads(model, train.images, train.ids, ts, "loss", 1, names)
+    g_train = brute_force_grads(model, train.images, train.ids, ts, output, 1, names)
     zeros = torch.zeros(queries.shape[0], dtype=torch.int64)
-    g_query = brute_force_grads(model, queries, zeros, ts, "elbo", 1, names)
+    g_query = brute_force_grads(model, queries, zeros, ts, measurement, 1, names)
     out = torch.zeros(queries.shape[0], len(train), dtype=F64)
     for ly in attr.layers.layers:
         c = attr.curvature[ly.name]
@@ -337,7 +353,7 @@ def test_exact_copy_ranks_first(train, method: str) -> None:
 
 def test_options_are_checked(model64) -> None:
     with pytest.raises(OptionError, match="measurement"):
-        make_attributor("ekfac", model64, None, measurement="square")
+        make_attributor("ekfac", model64, None, measurement="squared")
     with pytest.raises(OptionError, match="damping"):
         make_attributor("kfac", model64, None, damping=0)
     with pytest.raises(OptionError, match="space"):

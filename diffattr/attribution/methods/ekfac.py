@@ -5,8 +5,9 @@ After Mlodozeniec et al., "Influence Functions for Scalable Data Attribution in 
 
     score(q, i) = grad m(q)^T (G + lambda I)^-1 grad L(z_i)
 
-``m``: the query's measurement (``measurement``: the denoising ``loss``, or the ``elbo``-weighted
-loss), ``L``: the training image's denoising loss, both averaged over the configured timesteps and
+``m``: the query's measurement (``measurement``: the denoising ``loss``, the ``elbo``-weighted
+loss, or D-TRAK's ``square`` output ``mean eps^2``, not a loss, offered to test whether D-TRAK's
+gain over TRAK comes from the query's function), ``L``: the training image's denoising loss, both averaged over the configured timesteps and
 noise draws with the package's shared noise (like every gradient method); ``G``: the GGN of the
 training loss, block-diagonal over the Linear / Conv2d layers (attention projections included;
 biases as an extra input column of ones; norm scales and embeddings left out), each block
@@ -101,7 +102,7 @@ from diffattr.data.dataset import ImageDataset
 from diffattr.diffusion.model import eval_mode
 from diffattr.repro import derive_seed
 
-MEASUREMENTS = ("loss", "elbo")
+MEASUREMENTS = ("loss", "elbo", "square")
 
 SPACES = ("projected", "full")
 
@@ -136,23 +137,25 @@ class CurvatureSpace:
 
 @dataclass
 class InfluenceOptions(GradientOptions):
-    """The shared gradient options plus: ``measurement`` (``loss`` or ``elbo``: the query's
-    function whose influence is measured); ``factor_passes``: passes over the training set for
+    """The shared gradient options plus: ``measurement`` (``loss``, ``elbo`` or ``square``: the
+    query's function whose influence is measured); ``output``: the function differentiated for the
+    training images (default ``loss``, what influence functions prescribe; ``square`` mirrors
+    D-TRAK, the GGN staying that of the loss); ``factor_passes``: passes over the training set for
     the GGN (one (timestep, noise, output vector) per image and pass); ``damping``: per-layer
     damping as a fraction of the layer's mean eigenvalue (fixed rule, not tuned); ``space``:
     ``projected`` (GGN of the Kronecker-projected layers) or ``full`` (module docstring)."""
 
     measurement: str = "loss"
+    output: str = "loss"
     factor_passes: int = 5
     damping: float = 0.1
     space: str = "projected"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.measurement not in MEASUREMENTS:
-            raise ValueError(
-                f"measurement: {self.measurement!r} is unknown; expected one of {MEASUREMENTS}"
-            )
+        for what, value in (("measurement", self.measurement), ("output", self.output)):
+            if value not in MEASUREMENTS:
+                raise ValueError(f"{what}: {value!r} is unknown; expected one of {MEASUREMENTS}")
         check_int(self.factor_passes, "factor_passes")
         if self.space not in SPACES:
             raise ValueError(f"space: {self.space!r} is unknown; expected one of {SPACES}")
@@ -421,7 +424,7 @@ class EKFAC(FeatureAttributor):
         self.curvature: dict[str, LayerCurvature] = {}
 
     def train_args(self) -> FeaturizeArgs:
-        args = make_featurize_args(self.options, self.model, "loss", self.name)
+        args = make_featurize_args(self.options, self.model, self.options.output, self.name)
         if args.projector.kind != "kronecker":
             # Other projectors cover every selected parameter; only the factored ones have a
             # preconditioned query gradient, so select exactly those (by full name).
