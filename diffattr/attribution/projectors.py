@@ -462,7 +462,7 @@ class KroneckerProjector:
             for h in handles:
                 h.remove()
 
-    def _factors(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    def factors(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """Projected input ``(B, P, k_in)`` and projected output gradient ``(B, P, k_out)``."""
         dt = self.config.torch_dtype
         p_in, p_out = self.matrices(layer, a.device)
@@ -519,7 +519,7 @@ class KroneckerProjector:
                 )
             feat: Tensor | None = None
             for a, g in calls:
-                pa, pg = self._factors(ly, a, g)
+                pa, pg = self.factors(ly, a, g)
                 f = torch.einsum("bpo,bpi->boi", pg, pa).flatten(1)
                 feat = f if feat is None else feat + f
             assert feat is not None

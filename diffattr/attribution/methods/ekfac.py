@@ -94,7 +94,11 @@ from diffattr.attribution.methods.common import (
     short_hash,
 )
 from diffattr.attribution.outputs import OUTPUTS
-from diffattr.attribution.projectors import KroneckerProjector, outputs_in_graph
+from diffattr.attribution.projectors import (
+    KroneckerProjector,
+    output_gradients,
+    outputs_in_graph,
+)
 from diffattr.attribution.scoring import dot_scores
 from diffattr.attribution.store import StoreMismatchError, fill_store
 from diffattr.attribution.timesteps import noise_for, validate_timesteps
@@ -126,13 +130,36 @@ class CurvatureSpace:
             return cls({ly.name: (ly.d_out, ly.d_in) for ly in layers.layers})
         return cls({ly.name: (ly.k_out, ly.k_in) for ly in proj.layers}, proj)
 
-    def rows(self, name: str, cols: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-position rows ``(B, P, d_in)``, ``(B, P, d_out)`` in this space."""
+    def gradient_rows(
+        self,
+        layers: KroneckerProjector,
+        calls: dict[str, list[tuple[Tensor, Tensor]]],
+        total: Tensor,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer, the per-position rows ``(B, P, d_in)`` and ``(B, P, d_out)`` in this space
+        of the gradient of ``total`` (``calls``: what ``layers.capture()`` recorded).
+
+        Projected rows ``P_in^T a`` / ``P_out^T s`` come straight from the layer input (for a
+        conv, one convolution with ``P_in`` as its kernels) in the projector's dtype, exactly as
+        the training features are made, never through the im2col patches (9x the activation
+        memory for a 3x3 conv)."""
         if self.proj is None:
-            return cols, grads
-        layer = next(ly for ly in self.proj.layers if ly.name == name)
-        p_in, p_out = self.proj.matrices(layer, cols.device)
-        return cols @ p_in.to(cols.dtype), grads @ p_out.to(grads.dtype)
+            return output_grads(layers, calls, total)
+        pairs = output_gradients(layers, calls, total)
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for ly in self.proj.layers:
+            parts = [self.proj.factors(ly, a, g) for a, g in pairs[ly.name]]
+            out[ly.name] = (
+                torch.cat([a for a, _ in parts], 1),
+                torch.cat([g for _, g in parts], 1),
+            )
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        """What of the space decides the curvature's values (part of the store identities)."""
+        if self.proj is None:
+            return {"space": None}
+        return {"space": self.proj.config.to_dict(), "rows": "factored"}
 
 
 @dataclass
@@ -213,15 +240,18 @@ def pseudo_grad_rows(
     noise: Tensor,
     vecs: Tensor,
     labels: Tensor | None,
+    space: CurvatureSpace | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per layer, inputs ``(B, P, d_in)`` and output pseudo-gradients ``(B, P, d_out)``: the
-    gradients of ``sum(eps * v)`` (``E[v v^T]`` = the loss's output Hessian), on the model's
-    device and dtype."""
+    gradients of ``sum(eps * v)`` (``E[v v^T]`` = the loss's output Hessian), in ``space``
+    (None: the full layer space, on the model's device and dtype)."""
     with layers.capture() as calls, torch.enable_grad(), outputs_in_graph(layers):
         x_t = model.scheduler.add_noise(x0, noise, t)
         eps = model.eps(x_t.detach(), t, labels)
-        rows = output_grads(layers, calls, (eps * vecs.to(eps.dtype)).sum())
-    return rows
+        total = (eps * vecs.to(eps.dtype)).sum()
+        if space is None:
+            return output_grads(layers, calls, total)
+        return space.gradient_rows(layers, calls, total)
 
 
 def ggn_pass(
@@ -250,10 +280,8 @@ def ggn_pass(
         t, noise, vecs = pass_draws(seed, ids, p, tuple(train.images.shape[1:]), T)
         x0 = train.images[rows].to(dev)
         y = None if labels is None else labels[rows].to(dev)
-        got = pseudo_grad_rows(model, layers, x0, t.to(dev), noise.to(x0), vecs.to(x0), y)
+        got = pseudo_grad_rows(model, layers, x0, t.to(dev), noise.to(x0), vecs.to(x0), y, space)
         for name, (cols, grads) in got.items():
-            if space is not None:
-                cols, grads = space.rows(name, cols, grads)
             if bases is None:
                 stats = list(factor_sums(cols, grads))
             else:
@@ -296,7 +324,7 @@ def factor_identity(
         "data_hash": train.data_hash(),
         "n": len(train),
         "layers": [[name, d_out, d_in] for name, (d_out, d_in) in space.dims.items()],
-        "space": None if space.proj is None else space.proj.config.to_dict(),
+        **space.identity(),
         "factor_passes": passes,
         "seed": seed,
         "ggn": "monte-carlo, one output vector per (image, pass); t uniform in [0, T)",
@@ -370,11 +398,12 @@ def query_grad_sums(
         with layers.capture() as calls, torch.enable_grad(), outputs_in_graph(layers):
             eps = model.eps(model.scheduler.add_noise(x0, noise, t_dev).detach(), t_dev, y)
             total = out_fn(eps, noise, t_dev, ac.to(eps.dtype), betas.to(eps.dtype)).sum()
-            rows = output_grads(layers, calls, total)
+            if space is None:
+                rows = output_grads(layers, calls, total)
+            else:
+                rows = space.gradient_rows(layers, calls, total)
         which = (torch.arange(r0, r0 + len(t)) % halves).to(dev)
         for name, (cols, grads) in rows.items():
-            if space is not None:
-                cols, grads = space.rows(name, cols, grads)
             per_row = sample_grads(cols, grads)
             for h in range(halves):
                 part = per_row[which == h].to(kdev, torch.float64).sum(dim=0)
