@@ -123,12 +123,15 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def environment() -> dict[str, str]:
-    """Versions that matter for reproducing a number."""
+    """Versions (and the CPU thread count) that matter for reproducing a number: on the CPU,
+    float sums split differently over another number of threads, so the same seed trains a
+    (slightly) different model with 1 and with 2 threads."""
     import diffusers
 
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_threads": str(torch.get_num_threads()),
         "diffusers": diffusers.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
