@@ -433,3 +433,15 @@ def test_projected_space(train) -> None:
     torch.testing.assert_close(got.full, ref.full, rtol=1e-4, atol=1e-6)
     assert got.halves is not None and ref.halves is not None
     torch.testing.assert_close(got.halves[1], ref.halves[1], rtol=1e-4, atol=1e-6)
+
+
+def test_methods_with_the_same_features_share_one_work_folder(train, tmp_path) -> None:
+    """trak, grad-dot, grad-cos, ekfac and kfac all use projected loss gradients: in one work
+    folder they are computed once; ekfac and kfac also share the GGN factors."""
+    model = tiny_model(num_train_timesteps=100)
+    opts = dict(timesteps=3, proj_dim=64, batch_size=8, seed=1)
+    for name in ("trak", "grad-dot", "grad-cos", "ekfac", "kfac"):
+        extra = {"factor_passes": 2} if name in ("ekfac", "kfac") else {}
+        make_attributor(name, model, tmp_path, **opts, **extra).fit(train)
+    names = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.iterdir())
+    assert names == ["influence-eigen", "influence-factors", "loss-grads"]

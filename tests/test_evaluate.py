@@ -111,9 +111,11 @@ def test_lambda_grid_keeps_the_best_lds_of_the_sweep(run):
             col = gt.query_names.index(name)
             per_q.append(scipy.stats.spearmanr(sums, -gt.losses[:, col]).statistic)
         assert search["lds"]["0.1"] == pytest.approx(np.mean(per_q), abs=1e-6)
-    # Features were shared with `trak` (same options): one store in the method's work folder.
-    assert len(list((run.out / "work" / "trak").iterdir())) == 1
-    assert not (run.out / "work" / "trak-tuned").exists()
+    # Features were shared with `trak` (same options): one store in the shared work folder.
+    trak = Scores.load(run.out / "scores" / "trak" / "held_out")
+    assert scores.config["store"] == trak.config["store"]
+    assert Path(trak.config["store"]).parent == run.out / "work"
+    assert Path(trak.config["store"]).name.startswith("loss-grads-")
     assert "ridge lambda chosen per query set" in (run.out / "comparison.md").read_text()
 
 

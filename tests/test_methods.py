@@ -271,7 +271,7 @@ def test_tracin_two_checkpoints_is_lr_weighted_sum_of_dots(model, train, queries
     close(s.values, want)
     assert s.config["learning_rates"] == lrs
     # one feature store per checkpoint, inside the work folder
-    assert len(list((tmp_path / "work").glob("tracin-ckpt*"))) == 2
+    assert len(list((tmp_path / "work").glob("loss-grads-*"))) == 2
 
 
 def test_diff_retrac_uses_unit_normalised_gradients(model, train, queries) -> None:
@@ -402,7 +402,7 @@ def test_work_dir_store_is_reused_and_keyed_by_options(model, train, queries, tm
     a.fit(train)
     first = a.score(queries).values
     folders = sorted(p.name for p in tmp_path.iterdir())
-    assert len(folders) == 1 and folders[0].startswith("trak-")
+    assert len(folders) == 1 and folders[0].startswith("loss-grads-")
     b = make_attributor("trak", model, tmp_path, timestep_values=[10], **BASE)
     b.fit(train)  # reuses the store (a mismatch would raise)
     np.testing.assert_array_equal(b.score(queries).values, first)
@@ -432,7 +432,7 @@ def test_journey_trak_can_featurize_in_fit(model, train, tmp_path) -> None:
         **BASE,
     )
     eager.fit(train)
-    assert len(list(tmp_path.glob("journey-trak-*"))) == 1  # featurized during fit
+    assert len(list(tmp_path.glob("*-grads-per-step-*"))) == 1  # featurized during fit
     lazy = make_attributor("journey-trak", model, None, step_stride=2, query_draws=1, **BASE)
     lazy.fit(train)
     np.testing.assert_array_equal(eager.score(q).values, lazy.score(q).values)
@@ -469,7 +469,7 @@ def test_das_residuals_are_cached_beside_the_store(model, train, queries, tmp_pa
     a = make_attributor("das", model, tmp_path, timestep_values=[15, 55], **BASE)
     a.fit(train)
     first = a.score(queries).values
-    assert len(list(tmp_path.glob("das-*/das_residuals.safetensors"))) == 1
+    assert len(list(tmp_path.glob("*-unit-grads-*/das_residuals.safetensors"))) == 1
 
     def fail(*_args, **_kwargs):
         raise AssertionError("residuals recomputed although they were saved")

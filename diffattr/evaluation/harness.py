@@ -373,8 +373,11 @@ def _run_method(
             },
         )
         options = _training_checkpoints(options, cfg, train, out)
+        # One work folder for every method: stores are named by what they hold, so methods
+        # computing the same features (trak, grad-dot, grad-cos, ekfac, kfac: loss gradients;
+        # ekfac and kfac: the GGN factors) compute them once.
         attributor = make_attributor(
-            method, model, work_dir=out / "work" / method, progress=progress, **options
+            method, model, work_dir=out / "work", progress=progress, **options
         )
         if grid and not hasattr(attributor, "score_lambda_path"):
             raise ValueError(f"lambda_grid: {method} has no TRAK ridge to sweep")

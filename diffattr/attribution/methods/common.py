@@ -213,7 +213,7 @@ def make_featurize_args(
     opts: BaseGradOptions,
     model: Any,
     output: str,
-    label: str,
+    method: str,
     normalize: bool = False,
     aggregate_how: str | None = None,
     timesteps: list[int] | None = None,
@@ -224,7 +224,10 @@ def make_featurize_args(
     ``query`` the query budget (``timesteps`` / ``num_noise`` override both).
 
     ``aggregate_how`` None: ``"halves"`` for training features when ``opts.stability`` asks for
-    the stability figure and there are two samples to split, else ``"mean"``."""
+    the stability figure and there are two samples to split, else ``"mean"``. The label (store
+    name) says what the features are (:func:`feature_label`), not which ``method`` asked: two
+    methods with the same settings (trak, grad-dot, grad-cos, ekfac, kfac all use projected loss
+    gradients) share one store in a shared work folder."""
     T = int(model.scheduler.config.num_train_timesteps)
     if timesteps is not None:
         policy = TimestepPolicy(
@@ -233,7 +236,7 @@ def make_featurize_args(
     elif isinstance(opts, GradientOptions):
         policy = opts.timestep_policy(T, query=query)
     else:
-        raise ValueError(f"{label}: timesteps must be given explicitly for these options")
+        raise ValueError(f"{method}: timesteps must be given explicitly for these options")
     if num_noise is None:
         num_noise = opts.draws(query) if isinstance(opts, GradientOptions) else opts.num_noise
     if aggregate_how is None:
@@ -250,8 +253,13 @@ def make_featurize_args(
         params=opts.params,
         batch_size=opts.batch_size,
         seed=opts.seed,
-        label=label,
+        label=feature_label(output, normalize),
     )
+
+
+def feature_label(output: str, normalize: bool) -> str:
+    """The name of a gradient feature store: ``<output>-grads`` (``-unit-grads`` normalised)."""
+    return f"{output}-{'unit-' if normalize else ''}grads"
 
 
 def short_hash(*parts: Any) -> str:
@@ -308,17 +316,18 @@ class WorkDir:
 
 
 def store_folder(
-    work: WorkDir, method: str, args: FeaturizeArgs, model: Any, data: ImageDataset, tag: str = ""
+    work: WorkDir, args: FeaturizeArgs, model: Any, data: ImageDataset, tag: str = ""
 ) -> Path:
-    """``<work_dir>/<method>[-tag]-<hash>``; the hash covers settings, model and data.
+    """``<work_dir>/<args.label>[-tag]-<hash>``; the hash covers settings, model and data.
 
     Including model and data hashes means another model or training subset gets its own folder
-    instead of a refusal from the store.
+    instead of a refusal from the store; leaving the method out means methods that compute the
+    same features find one folder.
     """
     # batch_size does not change feature values (the store records it without comparing it).
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k != "batch_size"}
-    h = short_hash(method, settings, model.model_hash(), data.data_hash())
-    return work.sub(f"{method}{'-' + tag if tag else ''}-{h}")
+    h = short_hash(args.label, tag, settings, model.model_hash(), data.data_hash())
+    return work.sub(f"{args.label}{'-' + tag if tag else ''}-{h}")
 
 
 def train_features(
@@ -459,7 +468,7 @@ class FeatureAttributor(GradientAttributor):
         """Featurize ``train`` (or reuse its store) and build the kernel(s)."""
         self.check_train(train)
         args = self.train_args()
-        folder = store_folder(self.work, self.name, args, self.model, train)
+        folder = store_folder(self.work, args, self.model, train)
         self.store_dir = folder
         t0 = time.perf_counter()
         feats = train_features(self.model, train, args, folder, self.progress)

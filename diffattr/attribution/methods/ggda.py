@@ -97,7 +97,7 @@ class GGDA(FeatureAttributor):
         args = self.train_args()
         r = self.per_image(args)
         tag = short_hash(groups.digest(), r)
-        folder = store_folder(self.work, self.name, args, self.model, train, tag=tag)
+        folder = store_folder(self.work, args, self.model, train, tag=f"groups-{tag}")
         t0 = time.perf_counter()
         store = featurize_groups(self.model, train, groups, folder, args, r, self.progress)
         feats = torch.as_tensor(store.features, dtype=torch.float32)

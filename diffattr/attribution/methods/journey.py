@@ -143,7 +143,7 @@ class JourneyTrak(GradientAttributor):
         key = tuple(timesteps)
         if key not in self._kernels:
             args = self.train_args(timesteps)
-            folder = store_folder(self.work, self.name, args, self.model, train)
+            folder = store_folder(self.work, args, self.model, train, tag="per-step")
             t0 = time.perf_counter()
             feats = train_features(self.model, train, args, folder, self.progress)  # (n, S, k)
             self.timing["featurize_train_s"] = (

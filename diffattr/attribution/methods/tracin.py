@@ -133,7 +133,7 @@ class TracIn(GradientAttributor):
         self._train_feats = []
         for c in range(len(self.options.rates())):
             model = self.checkpoint_model(c)
-            folder = store_folder(self.work, self.name, args, model, train, tag=f"ckpt{c}")
+            folder = store_folder(self.work, args, model, train)
             full, halves = train_parts(
                 train_features(model, train, args, folder, self.progress), args
             )
