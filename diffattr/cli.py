@@ -178,19 +178,10 @@ def cmd_featurize(args: argparse.Namespace) -> int:
     from diffattr.attribution.saved import fit_into_folder
     from diffattr.data import load_dataset
     from diffattr.diffusion.model import load_model
-    from diffattr.errors import UserError
 
     model = load_model(args.model)
     data_cfg = _data_config(args, _model_data_config(model))
     train = load_dataset(data_cfg)
-    want = getattr(model, "image_shape", None)
-    if want is not None and tuple(train.images.shape[1:]) != tuple(want):
-        got = "x".join(str(d) for d in train.images.shape[1:])
-        raise UserError(
-            f"data {data_cfg.source!r} gives {got} images but the model {args.model} takes "
-            f"{'x'.join(str(d) for d in want)}; set --size {want[-1]} (or leave out --data to use "
-            "the model's own data settings)"
-        )
     options = _parse_options(args.option or [])
     for key in ("timesteps", "proj_dim", "projector", "output", "batch_size", "seed"):
         value = getattr(args, key)
@@ -236,7 +227,6 @@ def _load_queries(args: argparse.Namespace, shape: tuple[int, int, int]):
 def cmd_attribute(args: argparse.Namespace) -> int:
     from diffattr.attribution.base import describe_stability
     from diffattr.attribution.saved import open_folder
-    from diffattr.data.groups import GroupAssignment
     from diffattr.diffusion.model import load_model
 
     model = load_model(args.model)
@@ -244,8 +234,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     attributor, _ = open_folder(model, args.features, progress=not args.quiet)
     scores = attributor.score(queries)
     k = args.top_k
-    groups = getattr(attributor, "groups", None)
-    if isinstance(groups, GroupAssignment):  # a group method: its images tie within a group
+    if getattr(attributor, "scores_groups", False):  # its images tie within a group
+        groups = attributor.groups  # type: ignore[attr-defined]
         _print_top_groups(scores.per_group(groups), groups, k)
     else:
         stability = scores.stability(k)

@@ -68,8 +68,9 @@ def memo_digest(owner: Any, tensors: Sequence[torch.Tensor], compute: Callable[[
     """``compute()``, remembered on ``owner`` while every tensor of ``tensors`` is the same object
     in the same state (no in-place change, cast or move since).
 
-    Every store folder and store identity asks for the model and data hashes; on a CIFAR-size set
-    or a large UNet each costs about a second. Weak references: the memo keeps nothing alive.
+    Every store folder and store identity asks for the data hash, about a second on a CIFAR-size
+    set (the model hash is not remembered: weights change through ``.data`` writes, which the
+    version counter does not see). Weak references: the memo keeps nothing alive.
     Inference-mode tensors have no version counter, so they are always hashed afresh."""
     try:
         state = tuple(_tensor_state(t) for t in tensors)

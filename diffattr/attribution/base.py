@@ -148,9 +148,7 @@ class Scores:
     def per_group(self, groups: GroupAssignment) -> Scores:
         """The same scores with one column per group of ``groups`` (its images' scores summed,
         halves likewise): ``(n_queries, K)``, ``train_ids`` the group indices ``0..K-1``."""
-        index = groups.aligned(self.train_ids)
-        onehot = np.zeros((len(index), groups.num_groups))
-        onehot[np.arange(len(index)), index] = 1.0
+        onehot = groups.one_hot(self.train_ids)
         halves = None
         if self.halves is not None:
             halves = np.einsum("hqn,nk->hqk", self.halves.astype(np.float64), onehot)

@@ -325,20 +325,25 @@ def per_step_features(
     S = len(timesteps)
     if x0.ndim == 5 and x0.shape[1] != S:
         raise ValueError(f"per_step_features: x0 has {x0.shape[1]} steps, timesteps has {S}")
-    if class_labels is not None and tuple(class_labels.shape) != (B,):
-        raise ValueError(
-            f"per_step_features: class_labels must be ({B},), got {tuple(class_labels.shape)}"
-        )
-    image_shape = getattr(model, "image_shape", None)
-    if image_shape is not None and tuple(x0.shape[-3:]) != tuple(image_shape):
-        raise ValueError(
-            f"per_step_features: images are {tuple(x0.shape[-3:])}, the model takes {tuple(image_shape)}"
-        )
+    _check_images_and_labels(model, x0, class_labels, B, "per_step_features")
     proj, params = build_projector(model, args)
     device = model.device
     with eval_mode(model.unet):
         feats = _features(model, proj, params, x0, ids, timesteps, args, class_labels, device)
     return feats if keep_draws else feats.mean(dim=2)
+
+
+def _check_images_and_labels(
+    model: Any, x0: Tensor, class_labels: Tensor | None, n: int, what: str
+) -> None:
+    """Refuse images ``(..., C, H, W)`` the model does not take and labels that are not ``(n,)``."""
+    if class_labels is not None and tuple(class_labels.shape) != (n,):
+        raise ValueError(f"{what}: class_labels must be ({n},), got {tuple(class_labels.shape)}")
+    image_shape = getattr(model, "image_shape", None)
+    if image_shape is not None and tuple(x0.shape[-3:]) != tuple(image_shape):
+        raise ValueError(
+            f"{what}: images are {tuple(x0.shape[-3:])}, the model takes {tuple(image_shape)}"
+        )
 
 
 def row_features(
@@ -366,15 +371,7 @@ def row_features(
             f"x0 {tuple(x0.shape)} and {t.shape[0]} timesteps"
         )
     validate_timesteps(sorted(set(t.tolist())), int(model.scheduler.config.num_train_timesteps))
-    image_shape = getattr(model, "image_shape", None)
-    if image_shape is not None and tuple(x0.shape[-3:]) != tuple(image_shape):
-        raise ValueError(
-            f"row_features: images are {tuple(x0.shape[-3:])}, the model takes {tuple(image_shape)}"
-        )
-    if class_labels is not None and tuple(class_labels.shape) != (R,):
-        raise ValueError(
-            f"row_features: class_labels must be ({R},), got {tuple(class_labels.shape)}"
-        )
+    _check_images_and_labels(model, x0, class_labels, R, "row_features")
     proj, params = build_projector(model, args)
     b_idx = torch.arange(R).repeat_interleave(D)
     d_idx = torch.arange(D).repeat(R)
@@ -613,27 +610,66 @@ def featurize(
     if args.aggregate == "halves" and len(timesteps) * args.num_noise < 2:
         raise ValueError("featurize: aggregate 'halves' needs at least 2 (timestep, draw) samples")
     identity = store_identity(model, data, args, proj, fshape)
-    use_labels = getattr(model, "num_classes", None) is not None and data.labels is not None
 
     def compute(sl: slice) -> Tensor:
-        labels = data.labels[sl] if use_labels and data.labels is not None else None
+        labels = labels_for_store(model, data, sl)
         feats = per_step_features(
             model, data.images[sl], data.ids[sl], timesteps, args, labels, keep_draws=True
         )
         return aggregate_samples(feats, args.aggregate)
 
-    return fill_store(
+    return fill_feature_store(
         out,
         identity,
         data.ids,
         args.shard_size,
         compute,
         fshape[1:],
+        args,
+        proj,
+        progress=progress,
+        accelerator=accelerator,
+        on_shard=on_shard,
+    )
+
+
+def fill_feature_store(
+    out: str | Path,
+    identity: dict[str, Any],
+    ids: Tensor,
+    shard_size: int,
+    compute: Callable[[slice], Tensor],
+    feature_shape: tuple[int, ...],
+    args: FeaturizeArgs,
+    proj: AnyProjector,
+    progress: bool = True,
+    accelerator: Any = None,
+    on_shard: Callable[[int], None] | None = None,
+    unit: str = "image",
+    extra: dict[str, Any] | None = None,
+) -> FeatureStore:
+    """:func:`~diffattr.attribution.store.fill_store` for gradient features made with ``args``
+    and ``proj``: the store's dtype, label, batch size and projector record come from them."""
+    return fill_store(
+        out,
+        identity,
+        ids,
+        shard_size,
+        compute,
+        feature_shape,
         progress=progress,
         label=args.label,
         accelerator=accelerator,
-        extra={"batch_size": args.batch_size},
+        extra={"batch_size": args.batch_size, **(extra or {})},
         manifest_extra={"projector_info": to_jsonable(projector_info(proj))},
         dtype=STORE_TORCH_DTYPES[args.dtype],
         on_shard=on_shard,
+        unit=unit,
     )
+
+
+def labels_for_store(model: Any, data: ImageDataset, rows: slice | Tensor) -> Tensor | None:
+    """The class labels of ``data``'s ``rows`` when the model is class-conditional, else None."""
+    if getattr(model, "num_classes", None) is None or data.labels is None:
+        return None
+    return data.labels[rows]

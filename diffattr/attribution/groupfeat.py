@@ -34,14 +34,14 @@ from diffattr.attribution.featurize import (
     FeaturizeArgs,
     aggregate_samples,
     build_projector,
+    fill_feature_store,
+    labels_for_store,
     row_features,
     store_identity,
 )
-from diffattr.attribution.projectors import projector_info
-from diffattr.attribution.store import STORE_TORCH_DTYPES, FeatureStore, fill_store
+from diffattr.attribution.store import FeatureStore
 from diffattr.data.dataset import ImageDataset
 from diffattr.data.groups import GroupAssignment
-from diffattr.repro import to_jsonable
 
 # Gradient rows per call of the featurizer (members of one or more groups): bounds the memory of
 # the repeated clean images and the per-row features.
@@ -92,7 +92,6 @@ def group_features(
     """
     if args.aggregate not in ("mean", "halves"):
         raise ValueError(f"group features: aggregate {args.aggregate!r} is not mean or halves")
-    use_labels = getattr(model, "num_classes", None) is not None and data.labels is not None
     # (slot of the group in the output, data position, timestep indices) per member
     items = [
         (slot, int(pos), steps)
@@ -107,7 +106,7 @@ def group_features(
         chunk = items[c0 : c0 + per_call]
         pos = torch.tensor([p for _, p, steps in chunk for _ in steps], dtype=torch.int64)
         t = torch.tensor([timesteps[s] for _, _, steps in chunk for s in steps], dtype=torch.int64)
-        labels = data.labels[pos] if use_labels and data.labels is not None else None
+        labels = labels_for_store(model, data, pos)
         f = row_features(model, data.images[pos], data.ids[pos], t, args, labels)
         f = f.detach().to("cpu", torch.float32)
         per_member = aggregate_samples(
@@ -157,22 +156,17 @@ def featurize_groups(
     def compute(sl: slice) -> Tensor:
         return group_features(model, data, members[sl], timesteps, args, per_image)
 
-    return fill_store(
+    return fill_feature_store(
         out,
         identity,
         torch.arange(K),
         groups_per_shard,
         compute,
         fshape[1:],
+        args,
+        proj,
         progress=progress,
-        label=args.label,
-        unit="group",
         accelerator=accelerator,
-        extra={
-            "batch_size": args.batch_size,
-            "group_names": list(groups.names),
-            "group_sizes": groups.sizes().tolist(),
-        },
-        manifest_extra={"projector_info": to_jsonable(projector_info(proj))},
-        dtype=STORE_TORCH_DTYPES[args.dtype],
+        unit="group",
+        extra={"group_names": list(groups.names), "group_sizes": groups.sizes().tolist()},
     )

@@ -17,6 +17,7 @@ from typing import Any
 from diffattr.attribution.base import Attributor
 from diffattr.attribution.registry import make_attributor, make_options
 from diffattr.data.dataset import ImageDataset
+from diffattr.errors import UserError
 from diffattr.repro import MismatchError, open_result_dir, read_record, to_jsonable
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,15 @@ def fit_into_folder(
     was made with another method, options, data or model.
     """
     out = Path(out)
+    want = getattr(model, "image_shape", None)
+    if want is not None and tuple(train.images.shape[1:]) != tuple(want):
+        # Before any folder is written: the engine would refuse inside the first shard.
+        got, size = "x".join(str(d) for d in train.images.shape[1:]), want[-1]
+        raise UserError(
+            f"data {train.name!r} gives {got} images but the model {model_path} takes "
+            f"{'x'.join(str(d) for d in want)}; load the data at size {size} (diffattr "
+            "featurize: --size, or leave out --data to use the model's own data settings)"
+        )
     full = resolved_options(method, options)
     open_result_dir(
         out,

@@ -115,10 +115,12 @@ class GroupAssignment:
         """``(K,)`` training images per group."""
         return np.bincount(self.index, minlength=self.num_groups)
 
-    def one_hot(self) -> np.ndarray:
-        """float64 ``(n, K)``: row j has a 1 in the column of image j's group."""
-        out = np.zeros((len(self.index), self.num_groups))
-        out[np.arange(len(self.index)), self.index] = 1.0
+    def one_hot(self, train_ids: np.ndarray | None = None) -> np.ndarray:
+        """float64 ``(n, K)``: row j has a 1 in the column of image j's group (rows in the order
+        of ``train_ids`` when given, see :meth:`aligned`)."""
+        index = self.index if train_ids is None else self.aligned(train_ids)
+        out = np.zeros((len(index), self.num_groups))
+        out[np.arange(len(index)), index] = 1.0
         return out
 
     def aligned(self, train_ids: np.ndarray) -> np.ndarray:

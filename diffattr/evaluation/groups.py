@@ -121,7 +121,4 @@ def ensure_group_subsets(
 
 def group_score_sums(scores: Scores, groups: GroupAssignment) -> np.ndarray:
     """float64 ``(Q, K)``: each query's scores summed over each group's images."""
-    index = groups.aligned(scores.train_ids)
-    out = np.zeros((len(scores.query_names), groups.num_groups))
-    np.add.at(out.T, index, scores.values.astype(np.float64).T)  # out[:, g] += values[:, j]
-    return out
+    return scores.values.astype(np.float64) @ groups.one_hot(scores.train_ids)

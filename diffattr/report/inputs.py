@@ -28,9 +28,6 @@ log = logging.getLogger(__name__)
 
 TRAJECTORY_METHODS = frozenset({"journey-trak"})  # need the query's generation trajectory
 EMBEDDING_METHODS = ("clip", "dino", "unet-features")  # their score is an embedding cosine
-# Score groups, not images (an image's score is its group's share): a per-image top-k would list
-# arbitrary members of the top group, so the report refuses them.
-GROUP_METHODS = frozenset({"ggda"})
 
 
 @dataclass
@@ -53,8 +50,9 @@ def parse_methods(text: str) -> list[str]:
     if not names:
         raise UserError("--methods: give at least one method, e.g. d-trak,das,pixel")
     for name in names:
-        get_spec(name)
-        if name in GROUP_METHODS:
+        # A method that scores groups (an image's score is its group's share) would list
+        # arbitrary members of the top group as its top images.
+        if getattr(get_spec(name).factory, "scores_groups", False):
             raise UserError(
                 f"--methods: {name} scores groups, not images, so it has no top images to show; "
                 "the report's group shares come from the per-image methods (README, group LDS)"

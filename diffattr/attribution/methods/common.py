@@ -423,12 +423,16 @@ class GradientAttributor:
 Scorer = Callable[[Tensor], Tensor]
 
 
-def train_parts(feats: Tensor, args: FeaturizeArgs) -> tuple[Tensor, list[Tensor] | None]:
+def train_parts(
+    feats: Tensor, args: FeaturizeArgs, samples: int | None = None
+) -> tuple[Tensor, list[Tensor] | None]:
     """Training features as ``(full (n, k), [half 0, half 1] or None)`` from a store read with
-    ``args`` (``"halves"`` stores keep the two half means; the full mean is derived)."""
+    ``args`` (``"halves"`` stores keep the two half means; the full mean is derived from the
+    ``samples`` each item averaged, default every (timestep, draw) of ``args``)."""
     if args.aggregate != "halves":
         return feats, None
-    samples = len(args.timesteps.timesteps()) * args.num_noise
+    if samples is None:
+        samples = len(args.timesteps.timesteps()) * args.num_noise
     return merge_halves(feats, samples), [feats[:, 0], feats[:, 1]]
 
 
@@ -464,17 +468,24 @@ class FeatureAttributor(GradientAttributor):
         raise NotImplementedError
 
     # -- protocol
+    def training_features(
+        self, train: ImageDataset, args: FeaturizeArgs
+    ) -> tuple[Tensor, Path, int | None]:
+        """The training features from their store (built when missing), the store folder and
+        the samples each feature averages (None: every (timestep, draw) of ``args``)."""
+        folder = store_folder(self.work, args, self.model, train)
+        return train_features(self.model, train, args, folder, self.progress), folder, None
+
     def fit(self, train: ImageDataset) -> None:
         """Featurize ``train`` (or reuse its store) and build the kernel(s)."""
         self.check_train(train)
         args = self.train_args()
-        folder = store_folder(self.work, args, self.model, train)
-        self.store_dir = folder
         t0 = time.perf_counter()
-        feats = train_features(self.model, train, args, folder, self.progress)
+        feats, folder, samples = self.training_features(train, args)
+        self.store_dir = folder
         self.timing["featurize_train_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        full, halves = train_parts(feats, args)
+        full, halves = train_parts(feats, args, samples)
         self.scorer = self.build(full, train, None)
         self.half_scorers = (
             None if halves is None else [self.build(h, train, i) for i, h in enumerate(halves)]

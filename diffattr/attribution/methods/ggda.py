@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from diffattr.attribution.featurize import FeaturizeArgs, merge_halves
+from diffattr.attribution.featurize import FeaturizeArgs
 from diffattr.attribution.groupfeat import featurize_groups
 from diffattr.attribution.methods.common import (
     FeatureAttributor,
@@ -39,7 +39,7 @@ from diffattr.attribution.methods.common import (
     store_folder,
 )
 from diffattr.attribution.methods.dtrak import DTrakOptions
-from diffattr.attribution.scoring import TrakKernel, per_query
+from diffattr.attribution.scoring import TrakKernel, dot_scores
 from diffattr.data.dataset import ImageDataset
 from diffattr.data.groups import GroupAssignment, assign_groups, parse_group_spec
 
@@ -78,6 +78,8 @@ class GGDA(FeatureAttributor):
     """``ggda``: group features, a kernel over groups, scores shared within each group."""
 
     name: str = "ggda"
+    # Scores groups, not images: readers show ``self.groups`` instead of a per-image top-k.
+    scores_groups: ClassVar[bool] = True
 
     def train_args(self) -> FeaturizeArgs:
         args = make_featurize_args(self.options, self.model, str(self.options.output), self.name)
@@ -91,38 +93,28 @@ class GGDA(FeatureAttributor):
         r = self.options.timesteps_per_image
         return len(args.timesteps.timesteps()) if r is None else int(r)
 
-    def fit(self, train: ImageDataset) -> None:
-        self.check_train(train)
-        groups = assign_groups(train, self.options.groups)
-        args = self.train_args()
+    def training_features(
+        self, train: ImageDataset, args: FeaturizeArgs
+    ) -> tuple[Tensor, Path, int | None]:
+        """Group features ``(K, k)`` (or halves) from their store; the groups are assigned here,
+        before :meth:`build` needs them."""
+        self.groups = assign_groups(train, self.options.groups)
         r = self.per_image(args)
-        tag = short_hash(groups.digest(), r)
+        tag = short_hash(self.groups.digest(), r)
         folder = store_folder(self.work, args, self.model, train, tag=f"groups-{tag}")
-        t0 = time.perf_counter()
-        store = featurize_groups(self.model, train, groups, folder, args, r, self.progress)
-        feats = torch.as_tensor(store.features, dtype=torch.float32)
-        self.timing["featurize_train_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.groups = groups
-        if args.aggregate == "halves":
-            full = merge_halves(feats, r * args.num_noise)
-            halves: list[Tensor] | None = [feats[:, 0], feats[:, 1]]
-        else:
-            full, halves = feats, None
-        self.scorer = self.build(full, train, None)
-        self.half_scorers = (
-            None if halves is None else [self.build(h, train, i) for i, h in enumerate(halves)]
-        )
-        self.timing["prepare_s"] = time.perf_counter() - t0
+        store = featurize_groups(self.model, train, self.groups, folder, args, r, self.progress)
+        return torch.as_tensor(store.features, dtype=torch.float32), folder, r * args.num_noise
+
+    def fit(self, train: ImageDataset) -> None:
+        super().fit(train)
+        args = self.train_args()
         self.info.update(
-            store=None if self.work.temporary else str(folder),
-            groups=groups.spec,
-            num_groups=groups.num_groups,
-            timesteps_per_image=r,
+            groups=self.groups.spec,
+            num_groups=self.groups.num_groups,
+            timesteps_per_image=self.per_image(args),
             timesteps=args.timesteps.timesteps(),
             query_timesteps=self.query_args().timesteps.timesteps(),
         )
-        self.train = train
 
     def build(self, train_feats: Tensor, train: ImageDataset, part: int | None) -> Scorer:
         """A scorer ``(m, k) -> (m, n)`` from group features ``(K, k)``."""
@@ -137,14 +129,9 @@ class GGDA(FeatureAttributor):
                 self.info["lambda"] = kernel.lam
             group_scores: Scorer = kernel.scores
         else:
-            group_scores = functools.partial(_dot_scores, train_feats.to(torch.float64))
+            group_scores = functools.partial(dot_scores, train_feats)
         # The groups were assigned from ``train``: their rows are in ``train.ids`` order.
         return functools.partial(_spread, group_scores, self.groups)
-
-
-def _dot_scores(group_feats: Tensor, query_feats: Tensor) -> Tensor:
-    """``(m, K)`` float32 dot products, one query at a time (bit-identical whatever the batch)."""
-    return per_query(query_feats, lambda q: (q.to(torch.float64) @ group_feats.T).to(torch.float32))
 
 
 def _spread(group_scores: Scorer, groups: GroupAssignment, query_feats: Tensor) -> Tensor:
