@@ -47,12 +47,25 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--limit", type=int, default=None, help="keep the first N images by id")
 
 
-def _data_config(args: argparse.Namespace, fallback: dict[str, Any] | None = None):
+def _data_config(args: argparse.Namespace, model: Any = None):
+    """The :class:`~diffattr.config.DataConfig` of the data options (``--data``, ``--size``, ...).
+
+    With ``model`` (``--model``): without ``--data``, or with ``--data`` naming the source the model
+    recorded, the recorded settings (root, size, classes, limit, ...) are kept; another ``--data``
+    is read at the model's image size. The options the user gives (``--size`` included) override
+    both. A source that cannot produce the model's size is a one-line error.
+    """
     from diffattr.config import DataConfig
 
-    base = dict(fallback or {})
-    if args.data is not None:
+    recorded = None if model is None else _model_data_config(model)
+    base = dict(recorded or {})
+    model_size = None
+    if args.data is not None and args.data != base.get("source"):
         base = {"source": args.data}
+        if model is not None:
+            _, height, width = model.image_shape
+            if height == width:
+                base["size"] = model_size = width
     for key, value in (
         ("root", args.data_root),
         ("size", args.size),
@@ -65,10 +78,27 @@ def _data_config(args: argparse.Namespace, fallback: dict[str, Any] | None = Non
         base["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
     if "source" not in base:
         raise SystemExit("error: --data is required (no data set recorded with the model)")
+    if model_size is not None and args.size is None:
+        _check_model_size(base["source"], model_size, args)
     return DataConfig(**base)
 
 
+def _check_model_size(source: str, size: int, args: argparse.Namespace) -> None:
+    """A one-line error when ``source`` cannot be read at the model's image ``size``."""
+    from diffattr.data.registry import supported_sizes
+    from diffattr.errors import UserError
+
+    sizes = supported_sizes(source)
+    if sizes is not None and not sizes[0] <= size <= sizes[1]:
+        raise UserError(
+            f"--data {source}: the model {args.model} takes {size}x{size} images, but {source} "
+            f"can be read only at sizes {sizes[0]}..{sizes[1]}; use a data set of the model's "
+            "size (or leave out --data to use the data the model was trained on)"
+        )
+
+
 def _model_data_config(model) -> dict[str, Any] | None:
+    """The data settings the model recorded (``diffattr.json``'s config), or None."""
     cfg = model.record.get("config") if isinstance(model.record, dict) else None
     return dict(cfg["data"]) if cfg and "data" in cfg else None
 
@@ -105,10 +135,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from diffattr.diffusion.model import load_model
+    from diffattr.diffusion.model import compute_device, load_model
     from diffattr.diffusion.sampling import sample
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=compute_device())
     labels = None
     if args.class_label is not None:
         import torch
@@ -174,24 +204,102 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def cmd_featurize(args: argparse.Namespace) -> int:
-    from diffattr.attribution.saved import fit_into_folder
-    from diffattr.data import load_dataset
-    from diffattr.diffusion.model import load_model
+SHORTCUT_OPTIONS = ("timesteps", "proj_dim", "projector", "output", "batch_size", "seed")
 
-    model = load_model(args.model)
-    data_cfg = _data_config(args, _model_data_config(model))
+
+def method_options(
+    methods: Sequence[str], pairs: Sequence[str], flags: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Each method's options from ``--option`` pairs and the shortcut flags (``flags``).
+
+    ``key=value`` goes to every listed method that has option ``key`` (with one method, to that
+    method, whose own check names the valid options); ``method:key=value`` to that method only.
+    """
+    from diffattr.attribution.registry import get_spec
+
+    specs = {m: get_spec(m) for m in methods}
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    items: list[tuple[str | None, str, Any]] = []
+    for pair in pairs:
+        prefix, _, rest = pair.partition(":") if _method_prefixed(pair) else ("", "", pair)
+        for key, value in _parse_options([rest]).items():
+            items.append((prefix or None, key, value))
+    items += [(None, key, value) for key, value in flags.items()]
+    for target, key, value in items:
+        if target is not None:
+            if target not in specs:
+                raise SystemExit(
+                    f"error: --option {target}:{key}=...: {target!r} is not one of the methods "
+                    f"given ({', '.join(methods)})"
+                )
+            out[target][key] = value
+            continue
+        having = [m for m in methods if key in specs[m].option_names()]
+        if len(methods) == 1:
+            having = list(methods)
+        if not having:
+            raise SystemExit(
+                f"error: option {key!r}: none of the methods {', '.join(methods)} has it "
+                "(see `diffattr methods`; METHOD:KEY=VALUE gives an option to one method)"
+            )
+        for m in having:
+            out[m].setdefault(key, value)
+    return out
+
+
+def _method_prefixed(pair: str) -> bool:
+    """``method:key=value`` (a colon before the ``=``, after a method-like name)."""
+    head = pair.split("=", 1)[0]
+    return ":" in head and head.split(":", 1)[0].replace("-", "").isalnum()
+
+
+def _process_group() -> Any:
+    """accelerate's ``PartialState`` inside a ``torchrun`` / ``accelerate launch`` group of
+    several processes (one torch thread each on a CPU), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def cmd_featurize(args: argparse.Namespace) -> int:
+    from diffattr.attribution.saved import fit_into_folders
+    from diffattr.data import load_dataset
+    from diffattr.diffusion.model import compute_device, load_model
+
+    methods = list(dict.fromkeys(m.strip() for m in args.method.split(",") if m.strip()))
+    if not methods:
+        raise SystemExit("error: --method names no method")
+    flags = {k: getattr(args, k) for k in SHORTCUT_OPTIONS if getattr(args, k) is not None}
+    options = method_options(methods, args.option or [], flags)
+    model = load_model(args.model, device=compute_device())
+    data_cfg = _data_config(args, model)
     train = load_dataset(data_cfg)
-    options = _parse_options(args.option or [])
-    for key in ("timesteps", "proj_dim", "projector", "output", "batch_size", "seed"):
-        value = getattr(args, key)
-        if value is not None:
-            options[key] = value
     out = Path(args.out)
-    fit_into_folder(
-        model, args.model, args.method, options, data_cfg, train, out, progress=not args.quiet
+    # One method: --out is its folder; several: one folder per method inside --out.
+    folders = {m: out if len(methods) == 1 else out / m for m in methods}
+    state = _process_group()
+    if state is not None:
+        model.to(state.device)
+    fit_into_folders(
+        model,
+        args.model,
+        options,
+        data_cfg,
+        train,
+        folders,
+        progress=not args.quiet,
+        accelerator=state,
     )
-    log.info("featurized %d training images with %s into %s", len(train), args.method, out)
+    if state is None or state.is_main_process:
+        for m in methods:
+            log.info("featurized %d training images with %s into %s", len(train), m, folders[m])
     return 0
 
 
@@ -227,9 +335,9 @@ def _load_queries(args: argparse.Namespace, shape: tuple[int, int, int]):
 def cmd_attribute(args: argparse.Namespace) -> int:
     from diffattr.attribution.base import describe_stability
     from diffattr.attribution.saved import open_folder
-    from diffattr.diffusion.model import load_model
+    from diffattr.diffusion.model import compute_device, load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=compute_device())
     queries = _load_queries(args, model.image_shape)
     attributor, _ = open_folder(model, args.features, progress=not args.quiet)
     scores = attributor.score(queries)
@@ -309,23 +417,41 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from diffattr.demo import embedding_hint, run_demo
+    from diffattr.demo import next_commands, run_demo
 
-    summary = run_demo(Path(args.out), config=args.config, seed=args.seed, progress=not args.quiet)
+    out = Path(args.out)
+    summary = run_demo(
+        out, config=args.config, seed=args.seed, progress=not args.quiet, retrain=args.retrain
+    )
     sys.stdout.write(f"query {summary['query']}: top-5 training images (id, score) per method\n")
     for method, result in summary["methods"].items():
         row = ", ".join(f"{tid} ({score:+.4g})" for tid, score in result["top5"])
         sys.stdout.write(f"  {method:13s} {row}\n")
         sys.stdout.write(f"  {'':13s} {result['stability']}\n")
-    out = Path(args.out)
-    sys.stdout.write(f"report: {out / 'report.html'}\n")
-    sys.stdout.write(f"copyright report: {summary['copyright_report']}\n")
-    sys.stdout.write(
-        f"attribute your own image: diffattr attribute --model {out / 'model'} "
-        f"--features {out / 'features' / 'd-trak'} --image your.png\n"
-    )
-    sys.stdout.write(embedding_hint(out) + "\n")
+    sys.stdout.write(f"near copy: {summary['near_copy']}\n")
+    report = summary["report"]
+    sys.stdout.write(f"copyright report: {report['html']}\n")
+    if report["pdf"]:
+        sys.stdout.write(f"                  {report['pdf']}\n")
+    sys.stdout.write(f"                  {report['json']}\n")
+    sys.stdout.write(f"done in {summary['seconds']:.0f} s. Next:\n")
+    for command in next_commands(out, program_name()):
+        sys.stdout.write(f"  {command}\n")
     return 0
+
+
+def program_name() -> str:
+    """How the user can call this program again: the ``diffattr`` script that is running (relative
+    to the working directory when inside it, e.g. ``.venv/bin/diffattr``), else ``diffattr``."""
+    import os
+
+    exe = Path(sys.argv[0])
+    if exe.name != "diffattr":
+        return "diffattr"
+    try:
+        return str(exe.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(exe) if os.sep in str(exe) else "diffattr"
 
 
 # --------------------------------------------------------------------------- parser
@@ -383,11 +509,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the attribution methods")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("featurize", help="featurize the training set for an attribution method")
+    p = sub.add_parser(
+        "featurize", help="featurize the training set for one or several attribution methods"
+    )
     p.add_argument("--model", required=True)
     _add_data_args(p)
-    p.add_argument("--method", required=True, help="see `diffattr methods`")
-    p.add_argument("--out", required=True, help="feature folder (resumes if present)")
+    p.add_argument(
+        "--method",
+        required=True,
+        help="a method, or several comma-separated (one pass over the data for all of their "
+        "gradient features); see `diffattr methods`",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="the method's folder; with several methods, a folder holding one per method "
+        "(OUT/<method>); resumes if present",
+    )
     p.add_argument(
         "--timesteps",
         type=positive_int,
@@ -399,7 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="output function (d-trak): square, loss, ...")
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="any method option")
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="[METHOD:]KEY=VALUE",
+        help="a method option, for every listed method that has it (METHOD:KEY=VALUE: for one)",
+    )
     p.set_defaults(func=cmd_featurize)
 
     p = sub.add_parser("attribute", help="score generated images against the training set")
@@ -451,9 +594,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pdf", action="store_true", help="skip report.pdf (needs Chromium)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="train (or reuse) a digits DDPM, generate, attribute, report")
+    p = sub.add_parser(
+        "demo", help="the shipped digits DDPM (or a retrained one): generate, attribute, report"
+    )
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--config", default=None, help="experiment YAML (default: configs/digits2.yaml)")
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the demo model again from its config instead of using the shipped one "
+        "(replaces OUT's model and everything made from it)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="train the model from this experiment YAML instead (default with --retrain: "
+        "configs/digits2.yaml)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -297,7 +297,46 @@ def _run_store(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds, "peak_mib": peak, "disk_mib": disk / 2**20}
 
 
+FAMILY = ("trak", "d-trak", "das", "grad-dot", "grad-cos", "diff-retrac")
+
+
+def _run_methods(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fit ``spec["methods"]`` on ``n`` images from scratch in one work folder: their gradient
+    stores in one pass (:func:`featurize_for`), then each method's fit (DAS's residuals, the
+    kernels). Every method at the common budget ``steps`` timesteps from t = 0."""
+    import tempfile
+
+    import torch
+
+    from diffattr.attribution.onepass import featurize_for
+    from diffattr.attribution.registry import make_attributor
+    from diffattr.data.dataset import ImageDataset
+
+    model, x0, _ = _build(spec)
+    data = ImageDataset("bench", x0.cpu(), torch.arange(x0.shape[0]))
+    options = {
+        "timesteps": spec["steps"],
+        "t_min": 0,
+        "proj_dim": spec["k"],
+        "batch_size": spec["batch_size"],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        mem = _Mem(spec["device"])
+        mem.start()
+        t0 = time.perf_counter()
+        methods = [make_attributor(m, model, work_dir=tmp, **options) for m in spec["methods"]]
+        featurize_for(methods, data, progress=False)
+        t1 = time.perf_counter()
+        for m in methods:
+            m.fit(data)
+        _sync(spec["device"])
+        seconds = time.perf_counter() - t0
+        peak = mem.stop()
+    return {"seconds": seconds, "pass_seconds": t1 - t0, "peak_mib": peak}
+
+
 RUNNERS = {
+    "methods": _run_methods,
     "train": _run_train,
     "diffattr": _run_diffattr,
     "traker": _run_traker,
@@ -364,6 +403,12 @@ def main() -> int:
         help="instead: peak memory of writing a feature store of N1, N2, ... images (digits-2 "
         "model, Kronecker, first of --dims), to show it does not grow with the training set",
     )
+    ap.add_argument(
+        "--family",
+        action="store_true",
+        help="instead: fit the TRAK family (trak, d-trak, das, grad-dot, grad-cos, diff-retrac) "
+        "at a common budget, each method alone and all together in one pass (first of --dims)",
+    )
     ap.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.run_one:
@@ -375,6 +420,8 @@ def main() -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.memory:
         return memory_table(a, device)
+    if a.family:
+        return family_table(a, device)
     models = ["tiny"] if a.quick else a.models.split(",")
     dims = [64, 128] if a.quick else [int(d) for d in a.dims.split(",")]
     n, steps = (4, 2) if a.quick else (a.n, a.steps)
@@ -453,6 +500,50 @@ def memory_table(a: argparse.Namespace, device: str) -> int:
         print(f"{n:>7} {r['seconds']:9.1f} {r['peak_mib']:9.1f} {r['disk_mib']:10.2f}")
         sys.stdout.flush()
     print("peak MiB: growth of peak memory while featurizing; store MiB: the store on disk.")
+    return 0
+
+
+def family_table(a: argparse.Namespace, device: str) -> int:
+    """Seconds to fit each TRAK-family method alone and all of them in one pass (one row per
+    model), each measurement in a fresh process; the pass's cost is given as a ratio to das's."""
+    models = ["tiny"] if a.quick else a.models.split(",")
+    k = 64 if a.quick else int(a.dims.split(",")[0])
+    n, steps = (4, 2) if a.quick else (a.n, a.steps)
+    print(
+        f"device {device}; {n} images x {steps} timesteps from t = 0 (every method); Kronecker "
+        f"k={k}; batch {a.batch_size}; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    )
+    head = f"{'model':9} {'methods':44} {'fit s':>8} {'pass s':>8} {'x das':>6} {'peak MiB':>9}"
+    print(head)
+    print("-" * len(head))
+    for m in models:
+        base = {"model": m, "n": n, "steps": steps, "batch_size": a.batch_size, "k": k}
+        base.update(device=device, impl="methods")
+        alone: dict[str, float] = {}
+        for label, methods in [*((x, [x]) for x in FAMILY), ("together (one pass)", list(FAMILY))]:
+            r = _child(sys.executable, {**base, "methods": methods}, a.timeout)
+            if "error" in r:
+                print(f"{m:9} {label:44} not available: {r['error']}")
+                continue
+            if len(methods) == 1:
+                alone[label] = r["seconds"]
+            das = alone.get("das")
+            ratio = f"{r['seconds'] / das:6.2f}" if das else f"{'-':>6}"
+            print(
+                f"{m:9} {label:44} {r['seconds']:8.1f} {r['pass_seconds']:8.1f} {ratio} "
+                f"{r['peak_mib']:9.1f}"
+            )
+            sys.stdout.flush()
+        if len(alone) == len(FAMILY):
+            total = sum(alone.values())
+            print(
+                f"{m:9} {'sum of the six alone':44} {total:8.1f} {'-':>8} "
+                f"{total / alone['das']:6.2f} {'-':>9}"
+            )
+    print(
+        "fit s: featurizing the images (all stores) and fitting the method(s), wall; pass s: the "
+        "featurization pass alone; x das: fit s over das's alone, measured in the same run."
+    )
     return 0
 
 

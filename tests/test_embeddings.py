@@ -319,6 +319,29 @@ def test_missing_or_wrong_folders_are_one_line_errors(model, ckpt, tmp_path) -> 
         make_attributor("dino", model, None, model=str(a_file))
 
 
+def test_a_diffusers_model_folder_is_refused_saying_what_it_is(model, tmp_path) -> None:
+    """`--option model=<the diffusion model's folder>`: the error names the folder, what it holds
+    and what the method expects (never "a None checkpoint")."""
+    from diffattr.diffusion.model import save_model
+
+    pipeline = save_model(model, tmp_path / "model")
+    for method, name in (("clip", "CLIP (vision)"), ("dino", "DINOv2")):
+        with pytest.raises(CheckpointError) as exc:
+            make_attributor(method, model, None, model=str(pipeline / "unet"))
+        text = _one_line(exc)
+        assert "None" not in text
+        assert f"{method}: model={pipeline / 'unet'} is not a {name} checkpoint" in text
+        assert "a diffusers UNet2DModel (its config.json has a _class_name" in text
+        assert "save_pretrained" in text and "preprocessor_config.json" in text
+        assert ("open_clip:ARCH" in text and "openclip extra" in text) == (method == "clip")
+        with pytest.raises(CheckpointError) as exc:
+            make_attributor(method, model, None, model=str(pipeline))
+        assert "a diffusers DDPMPipeline folder (model_index.json" in _one_line(exc)
+    with pytest.raises(CheckpointError) as exc:
+        make_attributor("clip", model, None, model=str(pipeline / "scheduler"))
+    assert "no config.json (it holds scheduler_config.json)" in _one_line(exc)
+
+
 def test_a_hub_id_that_cannot_be_fetched_is_one_clear_error(model, monkeypatch) -> None:
     import huggingface_hub.constants
 

@@ -71,6 +71,13 @@ def test_outputs_and_failed_method_reported(run):
         in json.loads((out / "scores" / "broken" / "failed.json").read_text())["traceback"]
     )
     assert read_record(out)["model_hash"] == run.model_hash
+    # trak and trak-tuned read one loss-gradient store, filled in the shared pass before any
+    # method ran; "broken" was left out of it (its failure is the method's own, above), tracin
+    # differentiates the training checkpoints (other models) in its own fit.
+    shared = json.loads((out / "work" / "featurize_pass.json").read_text())
+    assert shared["methods"] == ["trak", "trak-tuned"]
+    assert len(shared["stores"]) == 1 and shared["stores"][0].startswith("loss-grads-")
+    assert "one shared featurization pass" in (out / "comparison.md").read_text()
     assert run.ground_truth.losses.shape == (4, 8)
     assert run.query_names["held_out"][0].startswith("held_out:")
 

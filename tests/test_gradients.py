@@ -18,6 +18,7 @@ from diffattr.attribution.gradients import (
 )
 from diffattr.attribution.outputs import OUTPUTS, elbo_weight, get_output
 from diffattr.diffusion.model import DiffusionModel
+from diffattr.errors import OptionError
 
 
 def tiny_model(
@@ -107,10 +108,26 @@ def test_select_params_errors_and_order() -> None:
     assert list(select_params(model.unet, None)) == names
     sel = list(select_params(model.unet, ["*.bias", "conv_in.weight"]))
     assert sel == [n for n in names if n.endswith(".bias") or n == "conv_in.weight"]
-    with pytest.raises(ValueError, match=r"\*nonexistent\*"):
-        select_params(model.unet, ["*to_q*", "*nonexistent*"])
     with pytest.raises(ValueError, match="empty"):
         select_params(model.unet, [])
+
+
+def test_patterns_that_match_nothing_are_one_clear_option_error() -> None:
+    """Every bad pattern is named, with example names, the top-level groups and the calling
+    method's named groups; an OptionError, so the CLI prints one line (and a ValueError)."""
+    model = tiny_model()
+    with pytest.raises(OptionError) as exc:
+        select_params(model.unet, ["*to_q*", "*nonexistent*", "nosuch.*"], presets=["up-blocks"])
+    text = str(exc.value)
+    assert isinstance(exc.value, ValueError) and "\n" not in text
+    assert text.startswith("params: patterns '*nonexistent*', 'nosuch.*' match no parameter")
+    assert "'*to_q*'" not in text
+    assert "conv_in.weight" in text and "time_embedding.linear_1.weight" in text
+    assert "top-level groups: conv_in.*, time_embedding.*, down_blocks.*, up_blocks.*" in text
+    assert text.endswith("named group instead of a list (params=NAME): up-blocks")
+    with pytest.raises(OptionError, match="pattern 'x' matches no parameter") as exc:
+        select_params(model.unet, ["x"])
+    assert "named group" not in str(exc.value)
 
 
 # ---------------------------------------------------------------------------------- outputs

@@ -16,6 +16,7 @@ from diffattr import testing
 from diffattr.attribution.base import Queries, Trajectory
 from diffattr.attribution.methods.common import content_ids
 from diffattr.attribution.registry import ATTRIBUTORS, list_attributors, make_attributor
+from diffattr.attribution.store import FeatureStore
 from diffattr.attribution.timesteps import noise_for
 from diffattr.data.dataset import ImageDataset
 from diffattr.diffusion.model import DiffusionModel, load_model, save_model
@@ -463,18 +464,27 @@ def test_options_from_text_config_are_coerced(model) -> None:
         make_attributor("trak", model, lam="lots")
 
 
-def test_das_residuals_are_cached_beside_the_store(model, train, queries, tmp_path, monkeypatch):
-    from diffattr.attribution.methods import das
+def test_das_residuals_are_stored_beside_the_features(model, train, queries, tmp_path):
+    from diffattr.attribution.methods.das import residual_errors
 
-    a = make_attributor("das", model, tmp_path, timestep_values=[15, 55], **BASE)
+    a = make_attributor("das", model, tmp_path, timestep_values=[15, 55], num_noise=2, **BASE)
     a.fit(train)
     first = a.score(queries).values
-    assert len(list(tmp_path.glob("*-unit-grads-*/das_residuals.safetensors"))) == 1
+    (res,) = list(tmp_path.glob("residuals-*"))
+    assert len(list(tmp_path.glob("*-unit-grads-*"))) == 1
+    # The pass's residuals are the reference loop's (same noisy inputs, one forward for both).
+    want = residual_errors(model, train, [15, 55], a.train_args())
+    stored = torch.as_tensor(FeatureStore.open(res).features, dtype=torch.float64)
+    torch.testing.assert_close(stored, want, rtol=1e-5, atol=1e-6)
 
     def fail(*_args, **_kwargs):
-        raise AssertionError("residuals recomputed although they were saved")
+        raise AssertionError("the model was run although features and residuals were stored")
 
-    monkeypatch.setattr(das, "residual_errors", fail)
-    b = make_attributor("das", model, tmp_path, timestep_values=[15, 55], **BASE)
-    b.fit(train)
+    b = make_attributor("das", model, tmp_path, timestep_values=[15, 55], num_noise=2, **BASE)
+    forward = model.eps
+    model.eps = fail  # reopening forwards nothing
+    try:
+        b.fit(train)
+    finally:
+        model.eps = forward
     np.testing.assert_array_equal(b.score(queries).values, first)

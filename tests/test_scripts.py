@@ -36,6 +36,23 @@ def test_bench_featurize_memory_table():
     assert float(rows[1][3]) > float(rows[0][3])  # the store grows with the images
 
 
+def test_bench_featurize_family_table():
+    lines = _run("scripts/bench_featurize.py", "--quick", "--family")
+    rows = {" ".join(ln.split()[1:-4]): ln.split()[-4:] for ln in lines if ln.startswith("tiny")}
+    assert list(rows) == [
+        "trak",
+        "d-trak",
+        "das",
+        "grad-dot",
+        "grad-cos",
+        "diff-retrac",
+        "together (one pass)",
+        "sum of the six alone",
+    ]
+    assert rows["das"][2] == "1.00"  # the ratio's reference
+    assert float(rows["together (one pass)"][0]) > 0
+
+
 def test_bench_retrain_runs_one_by_one_and_stacked():
     lines = _run(
         "scripts/bench_retrain.py",

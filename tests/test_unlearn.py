@@ -182,7 +182,8 @@ def test_parameter_subsets(model, train):
     assert changed and changed <= set(a.params)
     with pytest.raises(OptionError, match="not a preset"):
         make_options("unlearn", params="cross-attn")
-    with pytest.raises(ValueError, match="matches no parameter"):
+    with pytest.raises(OptionError, match="matches no parameter") as exc:
         make_attributor("unlearn", model, None, params=["nosuch.*"]).fit(train)
+    assert "'nosuch.*'" in str(exc.value) and "up-blocks" in str(exc.value)  # its named groups
     with pytest.raises(OptionError, match="query_num_noise"):
         make_options("unlearn", num_noise=3, query_num_noise=2)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,8 @@ from diffattr.attribution.store import (
     STORE_TORCH_DTYPES,
     FeatureStore,
     StoreMismatchError,
-    fill_store,
+    StoreSpec,
+    fill_stores,
 )
 from diffattr.attribution.timesteps import (
     TimestepPolicy,
@@ -184,34 +185,7 @@ def build_projector(
 # ------------------------------------------------------------------------------ one batch of rows
 
 
-def _kronecker_rows(
-    model: Any,
-    proj: KroneckerProjector,
-    x_t: Tensor,
-    t: Tensor,
-    noise: Tensor,
-    labels: Tensor | None,
-    output_fn: Callable[..., Tensor],
-    with_norms: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Projected features ``(R, k)`` (+ exact squared norms) from one ordinary batched backward.
-
-    Samples do not interact inside a UNet (GroupNorm and attention are per sample), so the gradient
-    of the *sum* of per-sample outputs at a layer's output is, row by row, each sample's own.
-    """
-    ac, betas = scheduler_tables(model, x_t.device, x_t.dtype)
-    with proj.capture() as calls, torch.enable_grad(), outputs_in_graph(proj):
-        # Projected weights require grad so every layer output is in the graph even for a frozen
-        # UNet; only gradients at the layer outputs are requested, so no weight gradient is formed.
-        eps = model.eps(x_t.detach(), t, labels)
-        total = output_fn(eps, noise, t, ac, betas).sum()
-        pairs = output_gradients(proj, calls, total)
-    acts = {name: [a for a, _ in p] for name, p in pairs.items()}
-    gouts = {name: [g for _, g in p] for name, p in pairs.items()}
-    return proj.features(acts, gouts, with_norms=with_norms)
-
-
-def _check_finite(values: Tensor, what: str, ids: Tensor, t: Tensor, draws: Tensor) -> None:
+def check_finite(values: Tensor, what: str, ids: Tensor, t: Tensor, draws: Tensor) -> None:
     """Raise :class:`NonFiniteGradientError` naming the first bad row's sample id, t and draw."""
     bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
     if bool(bad.any()):
@@ -235,7 +209,7 @@ def row_noise(
     )
 
 
-def _noisy_rows(model: Any, rows: _Rows, args: FeaturizeArgs) -> tuple[Tensor, Tensor, Tensor]:
+def _noisy_rows(model: Any, rows: Rows, args: FeaturizeArgs) -> tuple[Tensor, Tensor, Tensor]:
     """``(x_t, noise, t)`` on the rows' device for the clean images ``rows.x0`` ``(R, C, H, W)``."""
     x0 = rows.x0
     noise = row_noise(rows.ids, rows.t, rows.draws, tuple(x0.shape[1:]), args.seed, args.noise).to(
@@ -246,47 +220,94 @@ def _noisy_rows(model: Any, rows: _Rows, args: FeaturizeArgs) -> tuple[Tensor, T
     return model.scheduler.add_noise(x0, noise, t_dev), noise, t_dev
 
 
-def _kronecker_features(
+Want = tuple[str, bool]  # (output function, unit-normalise each row's gradient)
+
+
+def kronecker_batch(
     model: Any,
     proj: KroneckerProjector,
-    rows: _Rows,
+    rows: Rows,
     labels: Tensor | None,
+    wants: Sequence[Want],
     args: FeaturizeArgs,
-) -> Tensor:
-    """Kronecker-projected features ``(R, k)`` of one chunk of rows (normalised if asked)."""
+) -> tuple[dict[Want, Tensor], Tensor]:
+    """Kronecker-projected features ``(R, k)`` of one chunk of rows for every ``(output,
+    normalize)`` in ``wants``, from one forward, and the forward's prediction ``(R, C, H, W)``
+    (detached; DAS's residuals come from it).
+
+    Each output function gets its own backward from the shared forward graph (only gradients at
+    the layer outputs), the layers' projected inputs are computed once for all of them, and an
+    output's exact gradient norms once for its normalised and unnormalised features. Samples do
+    not interact inside a UNet (GroupNorm and attention are per sample), so the gradient of the
+    *sum* of per-sample outputs at a layer's output is, row by row, each sample's own. Every
+    feature is exactly what this function gives when asked for that feature alone.
+    ``args``: the noise seed and policy.
+    """
     x_t, noise, t_dev = _noisy_rows(model, rows, args)
-    feats, sq = _kronecker_rows(
-        model, proj, x_t, t_dev, noise, labels, OUTPUTS[args.output], with_norms=args.normalize
-    )
-    _check_finite(feats, "gradient", rows.ids, rows.t, rows.draws)
-    if sq is not None:
-        _check_finite(sq, "gradient norm", rows.ids, rows.t, rows.draws)
-        feats = feats / sq.sqrt().clamp_min(1e-30)[:, None].to(feats.dtype)
-    return feats
+    outputs = list(dict.fromkeys(o for o, _ in wants))
+    norms = [any(n for w, n in wants if w == o) for o in outputs]
+    ac, betas = scheduler_tables(model, x_t.device, x_t.dtype)
+    gouts: list[dict[str, list[Tensor]]] = []
+    with proj.capture() as calls, torch.enable_grad(), outputs_in_graph(proj):
+        # Projected weights require grad so every layer output is in the graph even for a frozen
+        # UNet; only gradients at the layer outputs are requested, so no weight gradient is formed.
+        eps = model.eps(x_t.detach(), t_dev, labels)
+        for j, o in enumerate(outputs):
+            total = OUTPUTS[o](eps, noise, t_dev, ac, betas).sum()
+            pairs = output_gradients(proj, calls, total, retain_graph=j < len(outputs) - 1)
+            gouts.append({name: [g for _, g in p] for name, p in pairs.items()})
+        acts = {name: [a for a, _ in calls[name]] for name in calls}
+    results = proj.features_of_outputs(acts, gouts, norms)
+    out: dict[Want, Tensor] = {}
+    for o, n in wants:
+        feats, sq = results[outputs.index(o)]
+        check_finite(feats, "gradient", rows.ids, rows.t, rows.draws)
+        if n:
+            assert sq is not None
+            check_finite(sq, "gradient norm", rows.ids, rows.t, rows.draws)
+            feats = feats / sq.sqrt().clamp_min(1e-30)[:, None].to(feats.dtype)
+        out[(o, n)] = feats
+    return out, eps.detach()
 
 
-def _row_grads(
+def rms_errors(pred: Tensor, noise: Tensor) -> Tensor:
+    """Root-mean-square denoising error per row ``(R,)`` float32: the prediction ``(R, C, H, W)``
+    against the noise it should predict."""
+    return (pred.float() - noise.float()).pow(2).flatten(1).mean(dim=1).sqrt()
+
+
+def raw_batch(
     model: Any,
     params: dict[str, torch.nn.Parameter],
-    rows: _Rows,
+    rows: Rows,
     labels: Tensor | None,
+    wants: Sequence[Want],
     args: FeaturizeArgs,
-) -> dict[str, Tensor]:
-    """Per-row raw gradients name -> ``(R, *shape)`` (checked finite, normalised if asked)."""
+) -> dict[Want, dict[str, Tensor]]:
+    """Per-row raw gradients name -> ``(R, *shape)`` for every ``(output, normalize)`` in
+    ``wants`` (checked finite, normalised where asked); one vmap pass per output function."""
     x_t, noise, t_dev = _noisy_rows(model, rows, args)
-    grads = per_sample_grads(model, x_t, t_dev, noise, OUTPUTS[args.output], params, labels)
-    sq = grad_sq_norms(grads)
-    _check_finite(sq, "gradient", rows.ids, rows.t, rows.draws)
-    if args.normalize:
-        inv = 1.0 / sq.sqrt().clamp_min(1e-30)
-        grads = {
-            n: g * inv.reshape(-1, *([1] * (g.ndim - 1))).to(g.dtype) for n, g in grads.items()
-        }
-    return grads
+    out: dict[Want, dict[str, Tensor]] = {}
+    for o in dict.fromkeys(w for w, _ in wants):
+        grads = per_sample_grads(model, x_t, t_dev, noise, OUTPUTS[o], params, labels)
+        sq = grad_sq_norms(grads)
+        check_finite(sq, "gradient", rows.ids, rows.t, rows.draws)
+        for w, n in wants:
+            if w != o:
+                continue
+            if n:
+                inv = 1.0 / sq.sqrt().clamp_min(1e-30)
+                out[(o, n)] = {
+                    name: g * inv.reshape(-1, *([1] * (g.ndim - 1))).to(g.dtype)
+                    for name, g in grads.items()
+                }
+            else:
+                out[(o, n)] = grads
+    return out
 
 
 @dataclass
-class _Rows:
+class Rows:
     """One chunk of (sample, t, draw) rows: clean images ``(R, C, H, W)`` and int64 ``(R,)``s."""
 
     x0: Tensor
@@ -439,7 +460,7 @@ def _row_features(
     out: list[Tensor] = []
     # Dense projection regenerates its matrix blocks on every call (beyond the cache), so raw
     # gradients of several chunks are pooled (up to PROJECT_BUFFER_BYTES) and projected together.
-    pending: list[tuple[dict[str, Tensor], _Rows]] = []
+    pending: list[tuple[dict[str, Tensor], Rows]] = []
     pending_bytes = 0
 
     def flush() -> None:
@@ -450,7 +471,7 @@ def _row_features(
         grads = {n: torch.cat([g[n] for g, _ in pending]) for n in pending[0][0]}
         feats = proj.project(grads)
         meta = [r for _, r in pending]
-        _check_finite(
+        check_finite(
             feats,
             "projected gradient",
             torch.cat([r.ids for r in meta]),
@@ -464,12 +485,13 @@ def _row_features(
     for r0 in range(0, int(b_idx.shape[0]), args.batch_size):
         sl = slice(r0, r0 + args.batch_size)
         bi = b_idx[sl]
-        rows = _Rows(images(sl).to(device), ids[bi], t_rows[sl], d_idx[sl])
+        rows = Rows(images(sl).to(device), ids[bi], t_rows[sl], d_idx[sl])
         labels = None if class_labels is None else class_labels[bi].to(device)
+        want = (args.output, args.normalize)
         if isinstance(proj, KroneckerProjector):
-            out.append(_kronecker_features(model, proj, rows, labels, args))
+            out.append(kronecker_batch(model, proj, rows, labels, [want], args)[0][want])
             continue
-        grads = _row_grads(model, params, rows, labels, args)
+        grads = raw_batch(model, params, rows, labels, [want], args)[want]
         pending.append((grads, rows))
         pending_bytes += sum(g.numel() * g.element_size() for g in grads.values())
         if not isinstance(proj, DenseProjector) or pending_bytes >= PROJECT_BUFFER_BYTES:
@@ -586,50 +608,40 @@ def featurize(
     ``(n, 2, k)`` for ``"halves"``).
     ``on_shard(i)`` is called after shard ``i`` is written (tests use it to simulate a kill).
     Raises :class:`StoreMismatchError` when ``out`` holds a store made otherwise.
+    This is :func:`~diffattr.attribution.onepass.featurize_many` with one store (the same
+    computation, so a store made alone and one made beside others are bit-identical).
     """
-    args.validate()
-    out = Path(out)
-    if accelerator is not None:
-        model.to(accelerator.device)
-    T = int(model.scheduler.config.num_train_timesteps)
-    if args.timesteps.num_train_timesteps != T:
-        raise ValueError(
-            f"timesteps.num_train_timesteps is {args.timesteps.num_train_timesteps} but the model's "
-            f"scheduler has {T} training timesteps"
-        )
-    if len(data) == 0:
-        raise ValueError(f"featurize: data set {data.name!r} is empty")
-    n = len(data)
-    timesteps = args.timesteps.timesteps()
-    proj, _ = build_projector(model, args)
-    fshape = {
-        "mean": (n, proj.dim),
-        "per-step": (n, len(timesteps), proj.dim),
-        "halves": (n, 2, proj.dim),
-    }[args.aggregate]
-    if args.aggregate == "halves" and len(timesteps) * args.num_noise < 2:
-        raise ValueError("featurize: aggregate 'halves' needs at least 2 (timestep, draw) samples")
-    identity = store_identity(model, data, args, proj, fshape)
+    from diffattr.attribution.onepass import StoreRequest, featurize_many
 
-    def compute(sl: slice) -> Tensor:
-        labels = labels_for_store(model, data, sl)
-        feats = per_step_features(
-            model, data.images[sl], data.ids[sl], timesteps, args, labels, keep_draws=True
-        )
-        return aggregate_samples(feats, args.aggregate)
-
-    return fill_feature_store(
-        out,
-        identity,
-        data.ids,
-        args.shard_size,
-        compute,
-        fshape[1:],
-        args,
-        proj,
-        progress=progress,
+    return featurize_many(
+        model,
+        data,
+        [StoreRequest(args, Path(out))],
         accelerator=accelerator,
+        progress=progress,
         on_shard=on_shard,
+    )[0]
+
+
+def feature_store_spec(
+    out: str | Path,
+    identity: dict[str, Any],
+    feature_shape: tuple[int, ...],
+    args: FeaturizeArgs,
+    proj: AnyProjector,
+    extra: dict[str, Any] | None = None,
+) -> StoreSpec:
+    """The :class:`~diffattr.attribution.store.StoreSpec` of gradient features made with
+    ``args`` and ``proj``: the store's dtype, label, batch size and projector record come from
+    them."""
+    return StoreSpec(
+        Path(out),
+        identity,
+        tuple(feature_shape),
+        label=args.label,
+        extra={"batch_size": args.batch_size, **(extra or {})},
+        manifest_extra={"projector_info": to_jsonable(projector_info(proj))},
+        dtype=STORE_TORCH_DTYPES[args.dtype],
     )
 
 
@@ -648,24 +660,19 @@ def fill_feature_store(
     unit: str = "image",
     extra: dict[str, Any] | None = None,
 ) -> FeatureStore:
-    """:func:`~diffattr.attribution.store.fill_store` for gradient features made with ``args``
-    and ``proj``: the store's dtype, label, batch size and projector record come from them."""
-    return fill_store(
-        out,
-        identity,
+    """:func:`~diffattr.attribution.store.fill_stores` of one store of gradient features made
+    with ``args`` and ``proj`` (:func:`feature_store_spec`)."""
+    spec = feature_store_spec(out, identity, feature_shape, args, proj, extra)
+    return fill_stores(
+        [spec],
         ids,
         shard_size,
-        compute,
-        feature_shape,
+        lambda sl, which: [compute(sl)],
         progress=progress,
-        label=args.label,
         accelerator=accelerator,
-        extra={"batch_size": args.batch_size, **(extra or {})},
-        manifest_extra={"projector_info": to_jsonable(projector_info(proj))},
-        dtype=STORE_TORCH_DTYPES[args.dtype],
         on_shard=on_shard,
         unit=unit,
-    )
+    )[0]
 
 
 def labels_for_store(model: Any, data: ImageDataset, rows: slice | Tensor) -> Tensor | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -25,15 +25,20 @@ from torch.func import functional_call, grad, vmap
 
 from diffattr.attribution.outputs import OutputFn
 from diffattr.diffusion.model import vmap_friendly_attention
+from diffattr.errors import OptionError
 
 log = logging.getLogger(__name__)
 
 
-def select_params(unet: nn.Module, patterns: list[str] | None = None) -> dict[str, nn.Parameter]:
+def select_params(
+    unet: nn.Module, patterns: list[str] | None = None, presets: Iterable[str] = ()
+) -> dict[str, nn.Parameter]:
     """Parameters of ``unet`` whose name matches any of the fnmatch ``patterns`` (all if None).
 
-    Order follows ``unet.named_parameters()``. Raises ``ValueError`` naming a pattern that matches
-    no parameter (a typo would otherwise silently drop a layer).
+    Order follows ``unet.named_parameters()``. Raises :class:`~diffattr.errors.OptionError` (a
+    ``ValueError``; the CLI prints it as one line) naming every pattern that matches no parameter
+    (a typo would otherwise silently drop a layer), with example names, the top-level groups and
+    ``presets``, the named groups the calling method also accepts.
     """
     named = dict(unet.named_parameters())
     if patterns is None:
@@ -41,19 +46,32 @@ def select_params(unet: nn.Module, patterns: list[str] | None = None) -> dict[st
     if isinstance(patterns, str):
         patterns = [patterns]
     if len(patterns) == 0:
-        raise ValueError("params: empty pattern list; use None to select every parameter")
-    for pat in patterns:
-        if not any(fnmatch.fnmatchcase(name, pat) for name in named):
-            examples = ", ".join(list(named)[:5])
-            raise ValueError(
-                f"params: pattern {pat!r} matches no parameter of the model "
-                f"({len(named)} parameters, e.g. {examples})"
-            )
+        raise OptionError("params: empty pattern list; use None to select every parameter")
+    bad = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in named)]
+    if bad:
+        raise OptionError(_no_match_message(bad, list(named), list(presets)))
     return {
         name: p
         for name, p in named.items()
         if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
     }
+
+
+def _no_match_message(bad: list[str], names: list[str], presets: list[str]) -> str:
+    """``params``: which patterns matched nothing, and what the model's names look like."""
+    which = ", ".join(repr(p) for p in bad)
+    first: dict[str, str] = {}  # top-level group -> its first parameter name
+    for n in names:
+        first.setdefault(n.split(".", 1)[0] + (".*" if "." in n else ""), n)
+    text = (
+        f"params: {'pattern' if len(bad) == 1 else 'patterns'} {which} "
+        f"{'matches' if len(bad) == 1 else 'match'} no parameter of the model; patterns are "
+        f"fnmatch over its {len(names)} parameter names, e.g. {', '.join(list(first.values())[:3])}"
+        f"; top-level groups: {', '.join(first)}"
+    )
+    if presets:
+        text += f"; or a named group instead of a list (params=NAME): {', '.join(presets)}"
+    return text
 
 
 class _EpsCall(nn.Module):

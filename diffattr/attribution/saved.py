@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from diffattr.attribution.base import Attributor
+from diffattr.attribution.onepass import featurize_for
 from diffattr.attribution.registry import make_attributor, make_options
 from diffattr.data.dataset import ImageDataset
 from diffattr.errors import UserError
@@ -46,17 +48,87 @@ def fit_into_folder(
     :func:`open_folder` can reload it). Raises :class:`~diffattr.repro.MismatchError` when ``out``
     was made with another method, options, data or model.
     """
-    out = Path(out)
+    return fit_into_folders(
+        model, model_path, {method: options}, data_config, train, {method: Path(out)}, progress
+    )[method]
+
+
+def fit_into_folders(
+    model: Any,
+    model_path: str | Path,
+    methods: Mapping[str, Mapping[str, Any]],
+    data_config: Any,
+    train: ImageDataset,
+    folders: Mapping[str, str | Path],
+    progress: bool = True,
+    accelerator: Any = None,
+) -> dict[str, Attributor]:
+    """:func:`fit_into_folder` for several methods (``methods``: name -> options, ``folders``:
+    name -> its folder), their gradient feature stores filled in one pass over the training set
+    (:func:`~diffattr.attribution.onepass.featurize_for`) before each method fits.
+
+    With an ``accelerator`` of several processes (``accelerate launch`` / ``torchrun``), the
+    pass's shards are split between the processes; only the main process then fits the methods
+    (the others return an empty dict).
+    """
+    check_image_shape(model, model_path, train)
+    main = accelerator is None or bool(accelerator.is_main_process)
+    attributors: dict[str, Attributor] = {}
+    # The main process creates (or checks) the folders first, so the others never race.
+    for turn in (True, False):
+        if turn == main:
+            for method, options in methods.items():
+                attributors[method] = prepare_folder(
+                    model,
+                    model_path,
+                    method,
+                    dict(options),
+                    data_config,
+                    train,
+                    Path(folders[method]),
+                    progress,
+                )
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+    featurize_for(list(attributors.values()), train, accelerator=accelerator, progress=progress)
+    if not main:
+        return {}
+    for attributor in attributors.values():
+        attributor.fit(train)
+    return attributors
+
+
+def check_image_shape(model: Any, model_path: str | Path, train: ImageDataset) -> None:
+    """Refuse training images of another shape than the model's, before any folder is written
+    (the engine would refuse inside the first shard)."""
     want = getattr(model, "image_shape", None)
     if want is not None and tuple(train.images.shape[1:]) != tuple(want):
-        # Before any folder is written: the engine would refuse inside the first shard.
         got, size = "x".join(str(d) for d in train.images.shape[1:]), want[-1]
         raise UserError(
             f"data {train.name!r} gives {got} images but the model {model_path} takes "
             f"{'x'.join(str(d) for d in want)}; load the data at size {size} (diffattr "
             "featurize: --size, or leave out --data to use the model's own data settings)"
         )
+
+
+def prepare_folder(
+    model: Any,
+    model_path: str | Path,
+    method: str,
+    options: dict[str, Any],
+    data_config: Any,
+    train: ImageDataset,
+    out: Path,
+    progress: bool = True,
+) -> Attributor:
+    """Create (or check) ``method``'s attributor folder ``out`` and return the attributor,
+    not yet fitted, working in it. Options that do not fit the model (parameter patterns that
+    match nothing) are refused before the folder is written."""
     full = resolved_options(method, options)
+    attributor = make_attributor(method, model, work_dir=out, progress=progress, **full)
+    check = getattr(attributor, "check_options", None)
+    if check is not None:
+        check()
     open_result_dir(
         out,
         kind=ATTRIBUTOR_KIND,
@@ -69,8 +141,6 @@ def fit_into_folder(
         },
         extra={"model_path": str(model_path)},
     )
-    attributor = make_attributor(method, model, work_dir=out, progress=progress, **full)
-    attributor.fit(train)
     return attributor
 
 

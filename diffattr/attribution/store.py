@@ -27,6 +27,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,21 @@ def _checked_rows(
     return feats
 
 
+@dataclass
+class StoreSpec:
+    """One store that :func:`fill_stores` fills: its folder, identity (compared field by field on
+    reopening), per-item feature shape, progress label, recorded-not-compared ``extra``, more
+    manifest entries (``manifest_extra``: projector info) and the dtype its shards are written in."""
+
+    out: Path
+    identity: dict[str, Any]
+    feature_shape: tuple[int, ...]
+    label: str = "features"
+    extra: dict[str, Any] | None = None
+    manifest_extra: dict[str, Any] | None = None
+    dtype: torch.dtype = torch.float32
+
+
 def fill_store(
     out: str | Path,
     identity: dict[str, Any],
@@ -253,64 +269,112 @@ def fill_store(
 
     ``identity``: everything that decides the values (compared field by field on reopening:
     :class:`StoreMismatchError` names each differing field); ``extra``: recorded, not compared.
-    Items are cut into shards of ``shard_size`` (in ``ids`` order); ``compute(slice)`` returns the
-    ``(rows, *feature_shape)`` features of the items in ``slice``. Shards already complete on disk
-    are skipped, so rerunning after a kill computes only the missing ones. With an
-    ``accelerator`` of ``world`` processes, shard ``i`` is computed by process ``i % world``;
-    process 0 then checks every shard and marks the store complete. Shards are written in
-    ``dtype`` (float32 or float16). ``manifest_extra``: more manifest entries (projector info).
-    ``on_shard(i)`` is called after shard ``i`` is written (tests use it to simulate a kill);
-    ``unit``: what an item is, for the progress bar.
+    ``compute(slice)`` returns the ``(rows, *feature_shape)`` features of the items in ``slice``.
+    The rest as in :func:`fill_stores`, of which this is the one-store case.
     """
-    out = Path(out)
+    spec = StoreSpec(
+        Path(out),
+        identity,
+        tuple(feature_shape),
+        label=label,
+        extra=extra,
+        manifest_extra=manifest_extra,
+        dtype=dtype,
+    )
+    return fill_stores(
+        [spec],
+        ids,
+        shard_size,
+        lambda sl, which: [compute(sl)],
+        progress=progress,
+        accelerator=accelerator,
+        on_shard=on_shard,
+        unit=unit,
+    )[0]
+
+
+def fill_stores(
+    specs: list[StoreSpec],
+    ids: torch.Tensor,
+    shard_size: int,
+    compute: Callable[[slice, list[int]], list[torch.Tensor]],
+    progress: bool = True,
+    accelerator: Any = None,
+    on_shard: Callable[[int], None] | None = None,
+    unit: str = "image",
+) -> list[FeatureStore]:
+    """Compute several stores of the same ``len(ids)`` items, shard by shard, into their folders.
+
+    Items are cut into shards of ``shard_size`` (in ``ids`` order), the same for every store.
+    ``compute(slice, which)`` returns, for the stores ``specs[j]`` with ``j`` in ``which`` (in
+    that order), the ``(rows, *feature_shape)`` features of the items in ``slice``; it is asked
+    only for the stores whose shard is not already complete on disk, so rerunning after a kill
+    computes only what is missing. With an ``accelerator`` of ``world`` processes, shard ``i`` is
+    computed by process ``i % world``; process 0 then checks every shard and marks each store
+    complete. ``on_shard(i)`` is called after shard ``i`` of every store is written (tests use it
+    to simulate a kill); ``unit``: what an item is, for the progress bar.
+    """
     ids = torch.as_tensor(ids, dtype=torch.int64).flatten().cpu()
     n = int(ids.shape[0])
+    if not specs:
+        return []
     if n == 0:
-        raise ValueError(f"{out}: nothing to featurize (no ids)")
+        raise ValueError(f"{specs[0].out}: nothing to featurize (no ids)")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"featurize.shard_size: expected an int >= 1, got {shard_size!r}")
-    feature_shape = tuple(int(d) for d in feature_shape)
     rank, world = _dist(accelerator)
-
-    # Process 0 creates (or checks) the folder first so the others never race to create it.
-    if rank == 0:
-        open_store_dir(out, identity, extra=extra)
-    _barrier(accelerator)
-    if rank != 0:
-        open_store_dir(out, identity)
-
     starts = list(range(0, n, shard_size))
     shard_rows = [min(shard_size, n - s) for s in starts]
-    manifest = {
-        "kind": STORE_KIND,
-        "identity": identity,
-        "ids": [int(i) for i in ids.tolist()],
-        "num_shards": len(starts),
-        "feature_shape": [n, *feature_shape],
-        **(manifest_extra or {}),
-        "complete": False,
-    }
-    if rank == 0 and not (out / MANIFEST).exists():
-        write_json_atomic(out / MANIFEST, manifest)
+    manifests = []
+    for spec in specs:
+        # Process 0 creates (or checks) the folder first so the others never race to create it.
+        if rank == 0:
+            open_store_dir(spec.out, spec.identity, extra=spec.extra)
+        manifests.append(
+            {
+                "kind": STORE_KIND,
+                "identity": spec.identity,
+                "ids": [int(i) for i in ids.tolist()],
+                "num_shards": len(starts),
+                "feature_shape": [n, *(int(d) for d in spec.feature_shape)],
+                **(spec.manifest_extra or {}),
+                "complete": False,
+            }
+        )
+    _barrier(accelerator)
+    for spec, manifest in zip(specs, manifests, strict=True):
+        if rank != 0:
+            open_store_dir(spec.out, spec.identity)
+        elif not (spec.out / MANIFEST).exists():
+            write_json_atomic(spec.out / MANIFEST, manifest)
 
     mine = [i for i in range(len(starts)) if i % world == rank]
-    done = set(complete_shards(out, shard_rows, mine))
-    todo = [i for i in mine if i not in done]
-    if done:
-        log.info(
-            "%s: %d of %d shards already done; computing %d", out, len(done), len(mine), len(todo)
-        )
+    todo: dict[int, list[int]] = {i: [] for i in mine}
+    for j, spec in enumerate(specs):
+        done = set(complete_shards(spec.out, shard_rows, mine))
+        if done:
+            log.info("%s: %d of %d shards already done", spec.out, len(done), len(mine))
+        for i in mine:
+            if i not in done:
+                todo[i].append(j)
+    todo = {i: which for i, which in todo.items() if which}
     # Counted in images, not shards: a store of a few large shards is a multi-minute job.
+    labels = "+".join(dict.fromkeys(spec.label for spec in specs))
     bar = tqdm(
         total=sum(shard_rows[i] for i in todo),
-        desc=f"featurize {label}",
+        desc=f"featurize {labels}",
         unit=unit,
         disable=not progress or rank != 0 or not todo,
     )
-    for i in todo:
+    for i, which in todo.items():
         sl = slice(starts[i], starts[i] + shard_rows[i])
-        feats = _checked_rows(compute(sl), i, shard_rows[i], feature_shape, dtype)
-        write_shard(out, i, feats.to(dtype), ids[sl])
+        results = compute(sl, which)
+        if len(results) != len(which):
+            raise RuntimeError(f"featurize: {len(results)} results for {len(which)} stores")
+        for j, feats in zip(which, results, strict=True):
+            spec = specs[j]
+            checked = _checked_rows(feats, i, shard_rows[i], spec.feature_shape, spec.dtype)
+            write_shard(spec.out, i, checked.to(spec.dtype), ids[sl])
         bar.update(shard_rows[i])
         if on_shard is not None:
             on_shard(i)
@@ -321,12 +385,13 @@ def fill_store(
         # This process verified or wrote its own shards above; check only the others' (hashing
         # every shard again would double the cost of reopening a finished store).
         others = [i for i in range(len(starts)) if i % world != rank]
-        missing = sorted(set(others) - set(complete_shards(out, shard_rows, others)))
-        if missing:
-            raise IncompleteStoreError(
-                f"{out}: shards {missing[:10]} were not written by any process"
-            )
-        manifest["complete"] = True
-        write_json_atomic(out / MANIFEST, manifest)
+        for spec, manifest in zip(specs, manifests, strict=True):
+            missing = sorted(set(others) - set(complete_shards(spec.out, shard_rows, others)))
+            if missing:
+                raise IncompleteStoreError(
+                    f"{spec.out}: shards {missing[:10]} were not written by any process"
+                )
+            manifest["complete"] = True
+            write_json_atomic(spec.out / MANIFEST, manifest)
     _barrier(accelerator)
-    return FeatureStore.open(out)
+    return [FeatureStore.open(spec.out) for spec in specs]

@@ -20,6 +20,8 @@ from diffattr.data.cifar import (
     load_cifar10,
 )
 from diffattr.data.dataset import DataError, ImageDataset
+from diffattr.data.digits import MAX_SIZE as DIGITS_MAX_SIZE
+from diffattr.data.digits import MIN_SIZE as DIGITS_MIN_SIZE
 from diffattr.data.digits import load_digits2, load_digits_all
 from diffattr.data.imagefolder import load_imagefolder
 from diffattr.data.selection import check_split
@@ -32,6 +34,8 @@ class DatasetSource:
     name: str
     description: str
     loader: Callable[[DataConfig], ImageDataset]
+    #: ``(smallest, largest)`` image side the loader produces; None: any size (resized).
+    sizes: tuple[int, int] | None = None
 
 
 DATASETS: dict[str, DatasetSource] = {
@@ -41,11 +45,13 @@ DATASETS: dict[str, DatasetSource] = {
             "digits",
             "scikit-learn 8x8 digits, 10 classes, 1 channel (bundled; test = ids % 5 == 0)",
             load_digits_all,
+            (DIGITS_MIN_SIZE, DIGITS_MAX_SIZE),
         ),
         DatasetSource(
             "digits-2",
             "scikit-learn digits 0 and 1 only, 1 channel (bundled; test = ids % 5 == 0)",
             load_digits2,
+            (DIGITS_MIN_SIZE, DIGITS_MAX_SIZE),
         ),
         DatasetSource(
             "cifar10", "CIFAR-10 32x32 RGB from a local cifar-10-batches-py folder", load_cifar10
@@ -82,6 +88,12 @@ DATASETS: dict[str, DatasetSource] = {
 def list_datasets() -> list[tuple[str, str]]:
     """``(name, one-line description)`` for every registered source."""
     return [(s.name, s.description) for s in DATASETS.values()]
+
+
+def supported_sizes(source: str) -> tuple[int, int] | None:
+    """``(smallest, largest)`` image side ``source`` can be read at; None: any (or unknown)."""
+    entry = DATASETS.get(source)
+    return None if entry is None else entry.sizes
 
 
 def _normalize(cfg: DataConfig) -> DataConfig:

@@ -331,6 +331,14 @@ def _load_scheduler(path: Path) -> DDPMScheduler:
     return DDPMScheduler()
 
 
+def compute_device() -> torch.device:
+    """Where this process computes: its CUDA device (``cuda:LOCAL_RANK`` inside a torchrun /
+    accelerate group) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device("cpu")
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionModel:
     """Open a model saved by :func:`save_model` or a local diffusers folder (never downloads).
 

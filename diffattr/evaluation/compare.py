@@ -177,9 +177,12 @@ def _ceiling_rows(
 
 
 def write_table(
-    results: list[MethodResult], folder: Path, ceilings: dict[str, SeedCeiling] | None = None
+    results: list[MethodResult],
+    folder: Path,
+    ceilings: dict[str, SeedCeiling] | None = None,
+    notes_extra: list[str] | None = None,
 ) -> tuple[Path, Path]:
-    """``comparison.md`` and ``comparison.csv`` in ``folder``."""
+    """``comparison.md`` and ``comparison.csv`` in ``folder`` (``notes_extra``: more notes)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     header, rows = table_rows(results, ceilings)
@@ -223,6 +226,7 @@ def write_table(
                 f"{r.method}: ridge lambda chosen per query set as the best LDS of {n} values on "
                 f"these same subsets (D-TRAK's protocol; optimistic): {chosen}"
             )
+    notes += notes_extra or []
     md_path, csv_path = folder / "comparison.md", folder / "comparison.csv"
     md_path.write_text("\n".join(md + notes) + "\n")
     with csv_path.open("w", newline="") as f:
@@ -296,9 +300,13 @@ def plot(results: list[MethodResult], path: Path) -> Path:
 
 
 def write_comparison(
-    results: list[MethodResult], folder: Path, ceilings: dict[str, SeedCeiling] | None = None
+    results: list[MethodResult],
+    folder: Path,
+    ceilings: dict[str, SeedCeiling] | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Path]:
-    """Table (markdown, CSV) and plot (PNG) of ``results`` in ``folder``."""
-    md, csv_path = write_table(results, folder, ceilings)
+    """Table (markdown, CSV) and plot (PNG) of ``results`` in ``folder`` (``notes``: more notes
+    under the table)."""
+    md, csv_path = write_table(results, folder, ceilings, notes)
     png = plot(results, Path(folder) / "comparison.png")
     return {"markdown": md, "csv": csv_path, "plot": png}

@@ -48,6 +48,7 @@ from diffattr.attribution.base import Queries, Scores
 from diffattr.data.dataset import ImageDataset
 from diffattr.data.groups import GroupAssignment, assign_groups
 from diffattr.data.selection import stratified_rows
+from diffattr.diffusion.model import compute_device
 from diffattr.evaluation import counterfactual as cf
 from diffattr.evaluation import groups as grp
 from diffattr.evaluation.compare import MethodResult, write_comparison
@@ -167,12 +168,6 @@ def _run_token(state: Any) -> str:
     return token
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    return torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------------- stages
 
 
@@ -194,7 +189,7 @@ def _full_model(
             keep_checkpoints=_wants_training_checkpoints(cfg),
         )
     sync.wait_main("full_model")
-    return load_model(folder, device=_device())
+    return load_model(folder, device=compute_device())
 
 
 TRAINING_CHECKPOINTS = "training"
@@ -349,9 +344,7 @@ def _run_method(
     from diffattr.attribution.registry import make_attributor
 
     folder = _method_dir(out, name)
-    if (folder / "timing.json").exists() and all(
-        (folder / q / "scores.json").exists() or (folder / q / "failed.json").exists() for q in sets
-    ):
+    if _scored(folder, sets):
         return
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "failed.json").unlink(missing_ok=True)
@@ -412,6 +405,78 @@ def _run_method(
     except Exception as exc:
         log.error("method %s failed:\n%s", name, traceback.format_exc())
         write_json_atomic(folder / "failed.json", _failure(exc))
+
+
+PASS_RECORD = "featurize_pass.json"
+
+
+def _scored(folder: Path, sets: dict[str, Queries]) -> bool:
+    """True when the method in ``folder`` has been fitted and scored (or failed) for every set."""
+    return (folder / "timing.json").exists() and all(
+        (folder / q / "scores.json").exists() or (folder / q / "failed.json").exists() for q in sets
+    )
+
+
+def _featurize_stage(
+    cfg: EvalConfig,
+    methods: list[str],
+    model: Any,
+    train: ImageDataset,
+    sets: dict[str, Queries],
+    out: Path,
+    state: Any,
+    progress: bool,
+) -> None:
+    """Fill the gradient feature stores of every method still to be scored in one pass
+    (:func:`~diffattr.attribution.onepass.featurize_for`), shards split between the processes;
+    the seconds it took go to ``work/featurize_pass.json`` (each method's fit time then excludes
+    them). A method that cannot be built is left to :func:`_run_method`, which records why."""
+    from diffattr.attribution.onepass import featurize_for
+    from diffattr.attribution.registry import make_attributor
+
+    todo, attributors = [], []
+    for name in methods:
+        if _scored(_method_dir(out, name), sets):
+            continue
+        try:
+            method, options, _ = cfg.method_spec(name)
+            options = _training_checkpoints(options, cfg, train, out)
+            attributors.append(make_attributor(method, model, work_dir=out / "work", **options))
+            todo.append(name)
+        except Exception as exc:  # recorded with its traceback when the method runs
+            log.info("method %s is not in the shared featurization pass: %s", name, exc)
+    t0 = time.perf_counter()
+
+    def left_out(attributor: Any, exc: Exception) -> None:
+        log.info("method %s is not in the shared featurization pass: %s", attributor.name, exc)
+
+    names = {id(a): n for a, n in zip(attributors, todo, strict=True)}
+    filled = featurize_for(
+        attributors, train, accelerator=state, progress=progress, on_error=left_out
+    )
+    if filled and ProcessInfo.from_state(state).index == 0:
+        write_json_atomic(
+            out / "work" / PASS_RECORD,
+            {
+                "methods": [names[id(a)] for a, _ in filled],
+                "stores": sorted({f.name for _, folders in filled for f in folders}),
+                "seconds": time.perf_counter() - t0,
+                "processes": ProcessInfo.from_state(state).count,
+            },
+        )
+
+
+def _pass_note(out: Path) -> list[str]:
+    """The comparison's note on the shared featurization pass, when one ran."""
+    path = out / "work" / PASS_RECORD
+    if not path.exists():
+        return []
+    rec = json.loads(path.read_text())
+    return [
+        f"fit s: after one shared featurization pass ({rec['seconds']:.1f} s on "
+        f"{rec['processes']} process(es)) that filled the gradient stores of "
+        f"{', '.join(rec['methods'])}; a method's fit s excludes it."
+    ]
 
 
 LAMBDA_DIR = "lambda"
@@ -534,7 +599,7 @@ def _counterfactual(
             sampling,
             c.feature_timestep,
             folder,
-            _device(),
+            compute_device(),
             n_boot=cfg.lds.bootstrap,
             seed=cfg.lds.seed,
             level=cfg.lds.level,
@@ -664,7 +729,10 @@ def evaluate(
     if cfg.group_subsets.enabled:
         group = _group_stage(cfg, train, sets, all_q, spec, model_hash, out, proc, sync, progress)
 
-    # Methods are independent: process r fits and scores methods r, r + W, ... (single-process each).
+    # One pass over the training set for every gradient store the methods read, its shards split
+    # between the processes; then methods are independent: process r fits and scores methods
+    # r, r + W, ... (single-process each), reading the stores.
+    _featurize_stage(cfg, methods, model, train, sets, out, state, progress)
     for name in methods[proc.index :: proc.count]:
         _run_method(name, cfg, model, train, sets, out, progress)
     sync.barrier("methods")
@@ -694,7 +762,7 @@ def evaluate(
     ceilings = _ceilings(gt, sets, cfg)
     comparison = None
     if sync.main:
-        comparison = write_comparison(results, out, ceilings)
+        comparison = write_comparison(results, out, ceilings, notes=_pass_note(out))
         write_json_atomic(
             out / "results.json",
             {

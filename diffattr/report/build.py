@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from diffattr.report.inputs import (
     EMBEDDING_METHODS,
     TRAJECTORY_METHODS,
     MethodRun,
+    build_missing,
     check_same_training_set,
     load_query,
     model_data_config,
@@ -62,6 +63,9 @@ class ReportRequest:
     bootstrap: int = BOOTSTRAP_DRAWS
     pdf: bool = True
     progress: bool = True
+    # method -> options for the folders that are built here (a folder that exists must have been
+    # made with them); methods not named get their defaults.
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,6 +127,7 @@ def _open_all(req, model, queries, methods, timer) -> tuple[list[MethodRun], dic
         return cache["train"]
 
     runs, skipped = [], {}
+    usable = []
     for name in methods:
         if name in TRAJECTORY_METHODS and queries.trajectories is None:
             skipped[name] = (
@@ -130,8 +135,26 @@ def _open_all(req, model, queries, methods, timer) -> tuple[list[MethodRun], dic
                 "`diffattr generate` (its folder holds sample.json and trajectory.safetensors)"
             )
             continue
+        usable.append(name)
+    # Missing folders are built together: one featurization pass for their gradient stores.
+    with timer("build"):
+        built = build_missing(
+            model, req.model, {m: root / m for m in usable}, loader, req.progress, req.options
+        )
+    for name in usable:
         with timer(f"open:{name}"):
-            runs.append(open_method(model, req.model, name, root / name, loader, req.progress))
+            runs.append(
+                open_method(
+                    model,
+                    req.model,
+                    name,
+                    root / name,
+                    loader,
+                    req.progress,
+                    built.get(name),
+                    req.options.get(name),
+                )
+            )
     if not runs:
         raise UserError("no method could attribute this image: " + "; ".join(skipped.values()))
     check_same_training_set(runs)
@@ -140,12 +163,12 @@ def _open_all(req, model, queries, methods, timer) -> tuple[list[MethodRun], dic
 
 def build_content(req: ReportRequest) -> tuple[dict[str, Any], dict[str, Any]]:
     """The report dict (``report.json``) and the extra render context (images as base64)."""
-    from diffattr.diffusion.model import load_model
+    from diffattr.diffusion.model import compute_device, load_model
 
     timer = Timer()
     methods = _check_request(req)
     with timer("load"):
-        model = load_model(req.model)
+        model = load_model(req.model, device=compute_device())
         queries = load_query(req.image, model.image_shape)
     runs, skipped = _open_all(req, model, queries, methods, timer)
     train = runs[0].train

@@ -18,7 +18,7 @@ import torch
 
 from diffattr.attribution.base import Attributor, Queries
 from diffattr.attribution.registry import get_spec
-from diffattr.attribution.saved import fit_into_folder, open_folder
+from diffattr.attribution.saved import fit_into_folders, open_folder, resolved_options
 from diffattr.data.dataset import DataError, ImageDataset
 from diffattr.data.imagefolder import imagefolder_files
 from diffattr.errors import UserError
@@ -91,6 +91,34 @@ def model_data_config(model: Any) -> Any:
     return DataConfig(**cfg["data"])
 
 
+def build_missing(
+    model: Any,
+    model_path: Path,
+    folders: dict[str, Path],
+    train_loader: Any,
+    progress: bool,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Attributor]:
+    """Build the methods' folders that do not exist yet (with ``options[method]``, else the
+    defaults), their gradient features in one pass over the training set; returns the fitted
+    attributors by method."""
+    missing = {m: f for m, f in folders.items() if not f.exists()}
+    if not missing:
+        return {}
+    options = options or {}
+    log.info("no feature folder for %s; building them", ", ".join(missing))
+    data_cfg, train = train_loader()
+    return fit_into_folders(
+        model,
+        model_path,
+        {m: options.get(m, {}) for m in missing},
+        data_cfg,
+        train,
+        missing,
+        progress,
+    )
+
+
 def open_method(
     model: Any,
     model_path: Path,
@@ -98,18 +126,24 @@ def open_method(
     folder: Path,
     train_loader: Any,
     progress: bool,
+    built: Attributor | None = None,
+    options: dict[str, Any] | None = None,
 ) -> MethodRun:
-    """Reopen ``folder`` for ``method``, or build it (defaults) when it does not exist.
+    """Reopen ``folder`` for ``method``, or build it (``options``, else the defaults) when it
+    does not exist.
 
-    ``train_loader``: a callable returning ``(data_config, train)`` (loaded once, on demand)."""
+    ``train_loader``: a callable returning ``(data_config, train)`` (loaded once, on demand);
+    ``built``: the attributor :func:`build_missing` just fitted in ``folder``; ``options``: an
+    existing folder must have been made with them (else :class:`MismatchError`)."""
     t0 = time.perf_counter()
-    built = not folder.exists()
-    if built:
-        log.info("%s: no feature folder at %s; building it (default options)", method, folder)
-        data_cfg, train = train_loader()
-        attributor = fit_into_folder(
-            model, model_path, method, {}, data_cfg, train, folder, progress
-        )
+    if built is None and not folder.exists():
+        built = build_missing(
+            model, model_path, {method: folder}, train_loader, progress, {method: options or {}}
+        )[method]
+    if built is None and options:
+        check_folder_options(folder, method, options)
+    if built is not None:
+        attributor, train = built, train_loader()[1]
     else:
         attributor, train = open_folder(model, folder, progress=progress)
     record = read_record(folder)
@@ -117,7 +151,23 @@ def open_method(
         raise MismatchError(
             f"{folder} holds features of {record['identity']['method']!r}, not {method!r}"
         )
-    return MethodRun(method, folder, attributor, train, record, built, time.perf_counter() - t0)
+    return MethodRun(
+        method, folder, attributor, train, record, built is not None, time.perf_counter() - t0
+    )
+
+
+def check_folder_options(folder: Path, method: str, options: dict[str, Any]) -> None:
+    """Refuse ``folder`` when it holds ``method`` made with other ``options`` than asked."""
+    record = read_record(folder)
+    made = record.get("identity", {}).get("options", {})
+    want = resolved_options(method, options)
+    differ = sorted(k for k in want if made.get(k) != want[k])
+    if record.get("identity", {}).get("method") == method and differ:
+        raise MismatchError(
+            f"{folder} holds {method} made with other options ("
+            + ", ".join(f"{k}: {made.get(k)!r}, asked {want[k]!r}" for k in differ[:5])
+            + "); use another --features-root or remove the folder"
+        )
 
 
 def check_same_training_set(runs: list[MethodRun]) -> None:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from diffattr.attribution.base import Queries, Scores
 from diffattr.attribution.featurize import (
+    FeatureStore,
     FeaturizeArgs,
     aggregate,
     featurize,
@@ -33,6 +34,8 @@ from diffattr.attribution.featurize import (
     per_step_features,
     split_halves,
 )
+from diffattr.attribution.gradients import select_params
+from diffattr.attribution.onepass import StoreRequest
 from diffattr.attribution.projectors import PROJECTOR_KINDS, ProjectorConfig
 from diffattr.attribution.timesteps import TimestepPolicy, check_noise_policy
 from diffattr.data.dataset import ImageDataset
@@ -341,7 +344,11 @@ def train_features(
 
     Featurizes into ``folder`` (resuming / reusing what is there) via the engine's ``featurize``.
     """
-    store = featurize(model, train, folder, args, progress=progress)
+    return store_rows(featurize(model, train, folder, args, progress=progress), train, folder)
+
+
+def store_rows(store: FeatureStore, train: ImageDataset, folder: Path) -> Tensor:
+    """A store's rows (float32) in ``train.ids`` order; names ``folder`` when ids are missing."""
     feats = torch.as_tensor(store.features, dtype=torch.float32)
     ids = torch.as_tensor(np.asarray(store.ids), dtype=torch.int64)
     want = train.ids.to(torch.int64)
@@ -410,6 +417,13 @@ class GradientAttributor:
         self.timing: dict[str, float] = {}
         self.info: dict[str, Any] = {}
 
+    def check_options(self) -> None:
+        """Refuse what can only be checked against the model (the ``params`` patterns), before
+        a folder is written for these options."""
+        params = getattr(self.options, "params", None)
+        if params is not None:
+            select_params(self.model.unet, params)
+
     def check_train(self, train: ImageDataset) -> None:
         if len(train) == 0:
             raise ValueError(f"{self.name}: empty training set")
@@ -466,6 +480,13 @@ class FeatureAttributor(GradientAttributor):
         """A scorer ``(m, k) -> (m, n)`` from training features ``(n, k)`` of all samples
         (``part`` None) or of half ``part`` (0 or 1) of them."""
         raise NotImplementedError
+
+    def store_requests(self, train: ImageDataset) -> list[StoreRequest]:
+        """The gradient feature stores :meth:`fit` reads (its store folder and settings), so
+        several methods can be featurized in one pass
+        (:func:`~diffattr.attribution.onepass.featurize_for`) before they fit."""
+        args = self.train_args()
+        return [StoreRequest(args, store_folder(self.work, args, self.model, train))]
 
     # -- protocol
     def training_features(

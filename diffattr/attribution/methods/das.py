@@ -41,24 +41,23 @@ Approximations, stated plainly:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from diffattr.attribution.featurize import FeaturizeArgs, row_noise
-from diffattr.attribution.methods.common import labels_for
+from diffattr.attribution.methods.common import labels_for, store_folder, store_rows
 from diffattr.attribution.methods.trak import TrakKernelAttributor, TrakOptions
+from diffattr.attribution.onepass import StoreRequest, featurize_many
 from diffattr.attribution.outputs import OUTPUTS
 from diffattr.data.dataset import ImageDataset
 
 RESIDUALS = ("rms", "none")
-RESIDUAL_FILE = "das_residuals.safetensors"
 log = logging.getLogger(__name__)
 
 
@@ -92,7 +91,9 @@ def residual_errors(
     """RMS denoising error per (image, timestep, draw): ``(n, S, D)`` float64.
 
     Uses the featurizer's noise (:func:`~diffattr.attribution.featurize.row_noise`) so the errors
-    are measured at exactly the noisy inputs the features were taken at.
+    are measured at exactly the noisy inputs the features were taken at. The attributor reads
+    them from the featurization pass instead (one forward for both); this loop is the reference
+    (tests, ``scripts/stability.py``).
     """
     shape = tuple(data.images.shape[1:])
     labels_all = labels_for(model, data.labels, len(data), "training set")
@@ -122,47 +123,46 @@ def residual_norms(
 
 
 class DAS(TrakKernelAttributor):
-    """``das``: TRAK kernel on unit-normalised output gradients, times the training residual."""
+    """``das``: TRAK kernel on unit-normalised output gradients, times the training residual.
+
+    The residuals of every (image, timestep, draw) sample come from the same forwards as the
+    features, in the same featurization pass, into a store of their own (``residuals-*`` beside the
+    features), so reopening a fitted folder forwards nothing."""
 
     name: str = "das"
     normalize: ClassVar[bool] = True
 
     def __init__(self, model: Any, work_dir: Path | None, options: Any, progress: bool = False):
         super().__init__(model, work_dir, options, progress)
-        self._errors: tuple[Tensor, Tensor] | None = None  # (training ids, their errors)
+        self._errors: Tensor | None = None  # (n, S, D) in training-set order
 
     def output_name(self) -> str:
         return str(self.options.output)
+
+    def store_requests(self, train: ImageDataset) -> list[StoreRequest]:
+        """The features and, unless ``residual="none"``, the residuals of the same samples."""
+        requests = super().store_requests(train)
+        if self.options.residual == "none":
+            return requests
+        args = dataclasses.replace(self.train_args(), label="residuals")
+        folder = store_folder(self.work, args, self.model, train)
+        return [*requests, StoreRequest(args, folder, what="residuals")]
+
+    def training_features(
+        self, train: ImageDataset, args: FeaturizeArgs
+    ) -> tuple[Tensor, Path, int | None]:
+        requests = self.store_requests(train)
+        stores = featurize_many(self.model, train, requests, progress=self.progress)
+        self._errors = (
+            None if len(stores) == 1 else store_rows(stores[1], train, requests[1].out).double()
+        )
+        return store_rows(stores[0], train, requests[0].out), requests[0].out, None
 
     def train_weights(self, train: ImageDataset, part: int | None) -> Tensor | None:
         """``r_i`` over the same samples as the features (all of them, or half ``part``)."""
         if self.options.residual == "none":
             return None
-        errors = self._cached_errors(train)  # (n, S, D)
-        rows = errors.reshape(errors.shape[0], -1)
+        if self._errors is None:
+            raise RuntimeError("das: residuals are read when the training features are")
+        rows = self._errors.reshape(self._errors.shape[0], -1)  # (n, S * D), timestep-major
         return rows.mean(dim=1) if part is None else rows[:, part::2].mean(dim=1)
-
-    def _cached_errors(self, train: ImageDataset) -> Tensor:
-        """:func:`residual_errors` of ``train``, kept beside the feature store (same settings,
-        model and data decide both), so reopening a fitted folder does not forward the training
-        set again."""
-        if self._errors is not None and self._errors[0] is train.ids:
-            return self._errors[1]
-        args = self.train_args()
-        path = None if self.work.temporary else self.store_dir / RESIDUAL_FILE
-        errors = None
-        if path is not None and path.exists():
-            saved = load_file(str(path))
-            if torch.equal(saved["ids"], train.ids.to(torch.int64)):
-                errors = saved["errors"]
-            else:
-                log.warning("%s: saved for other training ids; recomputing", path)
-        if errors is None:
-            errors = residual_errors(self.model, train, args.timesteps.timesteps(), args)
-            if path is not None:
-                tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-                ids = train.ids.to(torch.int64).contiguous()
-                save_file({"errors": errors.contiguous(), "ids": ids}, str(tmp))
-                os.replace(tmp, path)
-        self._errors = (train.ids, errors)
-        return errors

@@ -220,6 +220,8 @@ class HFKind:
     model_class: str
     what: str
     example: str
+    name: str  # in messages: "not a CLIP (vision) checkpoint"
+    other: str = ""  # another accepted form, for the messages
 
 
 HF_KINDS = {
@@ -229,6 +231,9 @@ HF_KINDS = {
         "CLIPVisionModelWithProjection",
         "a transformers CLIP checkpoint folder (save_pretrained)",
         "openai/clip-vit-base-patch32",
+        name="CLIP (vision)",
+        other="open_clip:ARCH with pretrained=TAG (the openclip extra: pip install "
+        "'diffattr[openclip]')",
     ),
     "dino": HFKind(
         "dino",
@@ -236,8 +241,50 @@ HF_KINDS = {
         "Dinov2Model",
         "a transformers DINOv2 checkpoint folder (save_pretrained)",
         "facebook/dinov2-small",
+        name="DINOv2",
     ),
 }
+
+
+def _expected(kind: HFKind) -> str:
+    """What ``kind.method``'s ``model`` option takes, for the error messages."""
+    text = (
+        f"{kind.method} expects {kind.what} holding a config.json with model_type "
+        f"{' or '.join(repr(t) for t in kind.model_types)} (e.g. a {kind.model_class}) and "
+        f"preprocessor_config.json, a hub id such as {kind.example}"
+    )
+    return f"{text}, or {kind.other}" if kind.other else text
+
+
+def _found_in(path: Path, config: dict[str, Any] | None) -> str:
+    """What a checkpoint folder holds instead of the expected checkpoint (its config or files)."""
+    if config is not None:
+        if config.get("model_type") is not None:
+            return f"a transformers {config['model_type']!r} checkpoint"
+        if "_class_name" in config:
+            return (
+                f"a diffusers {config['_class_name']} (its config.json has a _class_name, no "
+                "transformers model_type)"
+            )
+        return "its config.json has no model_type"
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            pipeline = json.loads(index.read_text()).get("_class_name", "pipeline")
+        except (json.JSONDecodeError, AttributeError, OSError):
+            pipeline = "pipeline"
+        return f"a diffusers {pipeline} folder (model_index.json, no config.json)"
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return "an empty folder (no config.json)"
+    more = f", ... ({len(names)} entries)" if len(names) > 5 else ""
+    return f"no config.json (it holds {', '.join(names[:5])}{more})"
+
+
+def _not_a_checkpoint(path: Path | str, kind: HFKind, found: str) -> CheckpointError:
+    return CheckpointError(
+        f"{kind.method}: model={path} is not a {kind.name} checkpoint: {found}; {_expected(kind)}"
+    )
 
 
 @contextlib.contextmanager
@@ -261,7 +308,8 @@ def resolve_checkpoint(source: str, kind: HFKind) -> tuple[str, bool]:
 
     An existing path must be a folder with a ``config.json`` of an accepted ``model_type`` and a
     ``preprocessor_config.json``; a string that is not a path on disk is taken as a hub id when
-    it looks like one (``name`` or ``org/name``).
+    it looks like one (``name`` or ``org/name``). A wrong folder's error says what it holds
+    instead (e.g. a diffusers UNet) and what ``kind`` expects.
     """
     path = Path(source).expanduser()
     expected = f"expected {kind.what} or a hub id such as {kind.example}"
@@ -273,12 +321,14 @@ def resolve_checkpoint(source: str, kind: HFKind) -> tuple[str, bool]:
         raise CheckpointError(f"{path}: not a folder; {expected}")
     config = path / "config.json"
     if not config.exists():
-        raise CheckpointError(f"{path}: no config.json; {expected}")
+        raise _not_a_checkpoint(path, kind, _found_in(path, None))
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        values = json.loads(config.read_text())
+        model_type = values.get("model_type")
     except (json.JSONDecodeError, AttributeError) as exc:
         raise CheckpointError(f"{config}: not a JSON object ({exc}); {expected}") from None
-    _check_model_type(model_type, str(path), kind)
+    if model_type not in kind.model_types:
+        raise _not_a_checkpoint(path, kind, _found_in(path, values))
     if not (path / "preprocessor_config.json").exists():
         raise CheckpointError(
             f"{path}: no preprocessor_config.json; save the checkpoint's image processor into "
@@ -289,10 +339,8 @@ def resolve_checkpoint(source: str, kind: HFKind) -> tuple[str, bool]:
 
 def _check_model_type(model_type: Any, where: str, kind: HFKind) -> None:
     if model_type not in kind.model_types:
-        raise CheckpointError(
-            f"{where}: a {model_type!r} checkpoint; {kind.method} expects {kind.what} "
-            f"(model_type {' or '.join(repr(t) for t in kind.model_types)})"
-        )
+        found = f"a {model_type!r} checkpoint" if model_type else "a config without model_type"
+        raise _not_a_checkpoint(where, kind, found)
 
 
 def load_hf(kind: HFKind, source: str, device: torch.device) -> tuple[Any, Any, dict[str, Any]]:

@@ -39,6 +39,7 @@ from diffattr.attribution.methods.common import (
     store_folder,
 )
 from diffattr.attribution.methods.dtrak import DTrakOptions
+from diffattr.attribution.onepass import StoreRequest
 from diffattr.attribution.scoring import TrakKernel, dot_scores
 from diffattr.data.dataset import ImageDataset
 from diffattr.data.groups import GroupAssignment, assign_groups, parse_group_spec
@@ -92,6 +93,10 @@ class GGDA(FeatureAttributor):
         """Timesteps each member is differentiated at (``r``)."""
         r = self.options.timesteps_per_image
         return len(args.timesteps.timesteps()) if r is None else int(r)
+
+    def store_requests(self, train: ImageDataset) -> list[StoreRequest]:
+        """None: group features are featurized by their own loop (:mod:`groupfeat`)."""
+        return []
 
     def training_features(
         self, train: ImageDataset, args: FeaturizeArgs

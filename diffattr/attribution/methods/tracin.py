@@ -47,6 +47,7 @@ from diffattr.attribution.methods.common import (
     train_features,
     train_parts,
 )
+from diffattr.attribution.onepass import StoreRequest
 from diffattr.attribution.scoring import cosine_scores, dot_scores
 from diffattr.data.dataset import ImageDataset
 from diffattr.repro import to_jsonable
@@ -124,6 +125,13 @@ class TracIn(GradientAttributor):
         from diffattr.diffusion.model import load_model
 
         return load_model(self.options.checkpoints[c], device=self.model.device)
+
+    def store_requests(self, train: ImageDataset) -> list[StoreRequest]:
+        """The given model's store (checkpoints are other models: featurized by :meth:`fit`)."""
+        if self.options.checkpoints is not None:
+            return []
+        args = self.args()
+        return [StoreRequest(args, store_folder(self.work, args, self.model, train))]
 
     def fit(self, train: ImageDataset) -> None:
         self.check_train(train)

@@ -371,6 +371,9 @@ class Unlearn(GradientAttributor):
         self.info[f"{what}_store"] = None if self.work.temporary else str(folder)
         return store.features.to(torch.float64)
 
+    def check_options(self) -> None:
+        select_params(self.model.unet, self.options.patterns(), presets=PARAM_PRESETS)
+
     def fit(self, train: ImageDataset) -> None:
         """The Fisher and the original losses of ``train`` (from their stores when present)."""
         self.check_train(train)
@@ -379,7 +382,7 @@ class Unlearn(GradientAttributor):
 
     def _fit(self, train: ImageDataset) -> None:
         o = self.options
-        self.params = select_params(self.model.unet, o.patterns())
+        self.params = select_params(self.model.unet, o.patterns(), presets=PARAM_PRESETS)
         sizes = {n: p.numel() for n, p in select_params(self.model.unet).items()}
         t0 = time.perf_counter()
         P = sum(sizes.values())
