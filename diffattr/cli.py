@@ -45,6 +45,13 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--classes", default=None, help="comma-separated class/style names to keep")
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--limit", type=int, default=None, help="keep the first N images by id")
+    p.add_argument(
+        "--prompt-template",
+        default=None,
+        metavar="TEXT",
+        help='caption each image from its class, e.g. "a {class} painting" (text-to-image; an '
+        "image folder's metadata.jsonl captions win)",
+    )
 
 
 def _data_config(args: argparse.Namespace, model: Any = None):
@@ -63,7 +70,9 @@ def _data_config(args: argparse.Namespace, model: Any = None):
     if args.data is not None and args.data != base.get("source"):
         base = {"source": args.data}
         if model is not None:
-            _, height, width = model.image_shape
+            from diffattr.attribution.conditioning import pixel_shape
+
+            _, height, width = pixel_shape(model) or model.image_shape
             if height == width:
                 base["size"] = model_size = width
     for key, value in (
@@ -71,6 +80,7 @@ def _data_config(args: argparse.Namespace, model: Any = None):
         ("size", args.size),
         ("split", args.split if args.split != "train" else None),
         ("limit", args.limit),
+        ("prompt_template", getattr(args, "prompt_template", None)),
     ):
         if value is not None:
             base[key] = value
@@ -103,13 +113,24 @@ def _model_data_config(model) -> dict[str, Any] | None:
     return dict(cfg["data"]) if cfg and "data" in cfg else None
 
 
+def _add_lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora",
+        default=None,
+        metavar="PATH",
+        help="text-to-image models: a LoRA on top of --model (the safetensors file diffusers' "
+        "save_lora_weights writes, or its folder)",
+    )
+
+
 # --------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffattr.config import load_config
+    """Train what the config describes: a pixel-space DDPM, or (``kind: text-to-image-lora``) a
+    LoRA on a local Stable Diffusion folder."""
+    from diffattr.config import LoraExperimentConfig, load_train_config
     from diffattr.data import load_dataset
-    from diffattr.diffusion.trainer import train_model
 
-    cfg = load_config(args.config)
+    cfg = load_train_config(args.config)
     if args.seed is not None:
         cfg.seed = args.seed
     if args.steps is not None:
@@ -123,6 +144,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         len(train_set),
         train_set.image_shape,
     )
+    if isinstance(cfg, LoraExperimentConfig):
+        from diffattr.diffusion.lora_trainer import train_lora
+
+        lora = train_lora(
+            cfg,
+            train_set,
+            Path(args.out),
+            progress=not args.quiet,
+            keep_checkpoints=args.keep_checkpoints,
+        )
+        log.info(
+            "LoRA saved in %s (base %s, model hash %s)",
+            args.out,
+            cfg.base_model,
+            lora.model_hash()[:12],
+        )
+        return 0
+    from diffattr.diffusion.trainer import train_model
+
     model = train_model(
         cfg,
         train_set,
@@ -138,7 +178,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from diffattr.diffusion.model import compute_device, load_model
     from diffattr.diffusion.sampling import sample
 
-    model = load_model(args.model, device=compute_device())
+    model = load_model(args.model, device=compute_device(), lora=args.lora)
+    if getattr(model, "conditional", False):
+        return _generate_text_to_image(model, args)
+    if args.prompt:
+        raise SystemExit(f"error: --prompt: {args.model} is not a text-to-image model")
     labels = None
     if args.class_label is not None:
         import torch
@@ -156,6 +200,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     result.save(args.out)
     log.info("wrote %d images, grid.png and the trajectory to %s", args.n, args.out)
+    return 0
+
+
+def _generate_text_to_image(model: Any, args: argparse.Namespace) -> int:
+    """``--n`` images of every ``--prompt``, each with its prompt, seed and latent trajectory."""
+    from diffattr.diffusion.t2i_sampling import sample_text_to_image
+
+    if not args.prompt:
+        raise SystemExit(f"error: {args.model} is a text-to-image model: give --prompt TEXT")
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    result = sample_text_to_image(
+        model,
+        prompts,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        sampler=args.sampler,
+        eta=args.eta,
+        negative_prompt=args.negative_prompt,
+        progress=not args.quiet,
+    )
+    result.save(args.out)
+    log.info(
+        "wrote %d images (%d prompt(s)), grid.png and the latent trajectories to %s",
+        len(prompts),
+        len(args.prompt),
+        args.out,
+    )
     return 0
 
 
@@ -278,7 +350,7 @@ def cmd_featurize(args: argparse.Namespace) -> int:
         raise SystemExit("error: --method names no method")
     flags = {k: getattr(args, k) for k in SHORTCUT_OPTIONS if getattr(args, k) is not None}
     options = method_options(methods, args.option or [], flags)
-    model = load_model(args.model, device=compute_device())
+    model = load_model(args.model, device=compute_device(), lora=args.lora)
     data_cfg = _data_config(args, model)
     train = load_dataset(data_cfg)
     out = Path(args.out)
@@ -304,7 +376,19 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
 
 def _load_queries(args: argparse.Namespace, shape: tuple[int, int, int]):
-    """Queries from --image FILE or --images FOLDER; trajectories attached when saved beside them."""
+    """Queries from --image FILE or --images FOLDER; trajectories (and a text-to-image model's
+    prompts) attached when saved beside them by `diffattr generate`; ``--prompt`` /
+    ``--unconditional`` give every image one prompt (``""``)."""
+    queries = _read_queries(args, shape)
+    if args.prompt is not None or args.unconditional:
+        if args.prompt is not None and args.unconditional:
+            raise SystemExit("error: give --prompt TEXT or --unconditional, not both")
+        text = "" if args.unconditional else args.prompt
+        queries.prompts = [text] * len(queries)
+    return queries
+
+
+def _read_queries(args: argparse.Namespace, shape: tuple[int, int, int]):
     import torch
 
     from diffattr.attribution.base import Queries
@@ -326,10 +410,12 @@ def _load_queries(args: argparse.Namespace, shape: tuple[int, int, int]):
         images, names = load_image_folder(folder, shape)
         return Queries(images=images, names=names)
     images = torch.stack([load_image(folder / n, shape) for n in names])
-    trajectories = None
+    trajectories, prompts = None, None
     if saved is not None and all(n in by_name for n in names):
         trajectories = [saved.trajectory(by_name[n]) for n in names]
-    return Queries(images=images, names=names, trajectories=trajectories)
+        if saved.prompts is not None:
+            prompts = [saved.prompts[by_name[n]] for n in names]
+    return Queries(images=images, names=names, trajectories=trajectories, prompts=prompts)
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
@@ -337,8 +423,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from diffattr.attribution.saved import open_folder
     from diffattr.diffusion.model import compute_device, load_model
 
-    model = load_model(args.model, device=compute_device())
-    queries = _load_queries(args, model.image_shape)
+    model = load_model(args.model, device=compute_device(), lora=args.lora)
+    from diffattr.attribution.conditioning import pixel_shape
+
+    queries = _load_queries(args, pixel_shape(model) or model.image_shape)
     attributor, _ = open_folder(model, args.features, progress=not args.quiet)
     scores = attributor.score(queries)
     k = args.top_k
@@ -406,6 +494,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             seed=args.seed,
             pdf=not args.no_pdf,
             progress=not args.quiet,
+            lora=None if args.lora is None else Path(args.lora),
+            prompt="" if args.unconditional else args.prompt,
         )
     )
     nc = result.content["near_copy"]
@@ -465,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("train", help="train a DDPM from a YAML config")
+    p = sub.add_parser(
+        "train", help="train a DDPM, or a LoRA on a text-to-image model, from a YAML config"
+    )
     p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/digits2.yaml")
     p.add_argument(
         "--out", required=True, help="model folder (diffusers layout); resumes if present"
@@ -490,6 +582,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--class-label", type=int, default=None, help="class for conditional models")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="text-to-image models: a prompt (repeat for several; --n images of each)",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance (text-to-image; <= 1: the conditional branch only)",
+    )
+    p.add_argument("--negative-prompt", default="", help="the unconditional branch's prompt")
+    _add_lora_arg(p)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_generate)
 
@@ -503,6 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, help="comma-separated class/style names")
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument(
+        "--prompt-template",
+        default=None,
+        metavar="TEXT",
+        help='caption each image from its class, e.g. "a {class} painting"',
+    )
     p.add_argument("--out", default=None, help="export folder")
     p.set_defaults(func=cmd_data, data=None)
 
@@ -543,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[METHOD:]KEY=VALUE",
         help="a method option, for every listed method that has it (METHOD:KEY=VALUE: for one)",
     )
+    _add_lora_arg(p)
     p.set_defaults(func=cmd_featurize)
 
     p = sub.add_parser("attribute", help="score generated images against the training set")
@@ -554,6 +668,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k", type=positive_int, default=10, help="training images listed per query"
     )
     p.add_argument("--out", default=None, help="write scores.safetensors + top_k.csv here")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        metavar="TEXT",
+        help="text-to-image models: the prompt of every query image (images made by `diffattr "
+        "generate` carry their own)",
+    )
+    p.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="text-to-image models: attribute with the empty prompt",
+    )
+    _add_lora_arg(p)
     p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("evaluate", help="LDS / counterfactual evaluation against retraining")
@@ -589,6 +716,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: <model>/../features)",
     )
     p.add_argument("--eval", default=None, help="evaluation folder (diffattr evaluate) for LDS")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        metavar="TEXT",
+        help="text-to-image models: the image's prompt (an image made by `diffattr generate` "
+        "carries its own)",
+    )
+    p.add_argument(
+        "--unconditional", action="store_true", help="text-to-image models: the empty prompt"
+    )
+    _add_lora_arg(p)
     p.add_argument("--top-k", type=positive_int, default=10, help="training images per method")
     p.add_argument("--seed", type=int, default=0, help="bootstrap / pair-sample / k-means seed")
     p.add_argument("--no-pdf", action="store_true", help="skip report.pdf (needs Chromium)")

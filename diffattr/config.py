@@ -33,6 +33,11 @@ class DataConfig:
     # selection_seed (scikit-learn's stratified train_test_split: D-TRAK's CIFAR-2 is seed 42).
     selection: str = "first"
     selection_seed: int = 0
+    # Captions (text-to-image training): "a {class} painting" gives every image the prompt with
+    # {class} replaced by its class name (underscores as spaces). An imagefolder's metadata.jsonl
+    # (Hugging Face convention: file_name + caption_column per line) takes precedence.
+    prompt_template: str | None = None
+    caption_column: str = "text"
 
 
 @dataclass
@@ -132,6 +137,47 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
+LORA_KIND = "text-to-image-lora"
+#: The attention projections LoRA adapts by default: every self- and cross-attention's query, key,
+#: value and output projection (D-TRAK's ArtBench setting; diffusers' LoRA training script).
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_INITS = ("gaussian", "kaiming", "random")  # diffattr.diffusion.lora.INITS
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapter added to the UNet (peft ``LoraConfig``)."""
+
+    rank: int = 128
+    alpha: float | None = None  # LoRA scale = alpha / rank; None: alpha = rank (scale 1)
+    # peft target_modules: module-name suffixes (``to_q``) or full names (``...attn2.to_k``).
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    # peft init_lora_weights: "gaussian" (A normal, B = 0: starts as the base model; diffusers'
+    # script), "kaiming" (peft's default, B = 0), "random" (A and B random: for tests).
+    init: str = "gaussian"
+
+
+@dataclass
+class LoraExperimentConfig:
+    """LoRA fine-tuning of a local Stable-Diffusion-layout folder (YAML ``kind: text-to-image-lora``).
+
+    ``base_model``: a ``StableDiffusionPipeline.save_pretrained`` folder (never downloaded). Only
+    the LoRA weights train; the data must have captions (``data.prompt_template`` or an image
+    folder's ``metadata.jsonl``). ``train`` is the pixel trainer's section (``ema_decay`` is not
+    supported here).
+    """
+
+    kind: str = LORA_KIND
+    seed: int = 0
+    base_model: str = ""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def _build(cls: type, values: Any, where: str) -> Any:
     if values is None:
         return cls()
@@ -154,13 +200,15 @@ _SECTIONS: dict[tuple[type, str], type] = {
     (ExperimentConfig, "scheduler"): SchedulerConfig,
     (ExperimentConfig, "train"): TrainConfig,
     (ExperimentConfig, "sample"): SampleConfig,
+    (LoraExperimentConfig, "lora"): LoraSettings,
+    (LoraExperimentConfig, "data"): DataConfig,
+    (LoraExperimentConfig, "train"): TrainConfig,
 }
 
 
-def config_from_dict(values: dict[str, Any], where: str = "config") -> ExperimentConfig:
-    cfg = _build(ExperimentConfig, values, where)
+def _coerce_floats(sections: tuple[Any, ...], where: str) -> None:
     # YAML reads 1e-3 as a string; coerce the float fields that users write that way.
-    for section in (cfg.train, cfg.scheduler, cfg.sample, cfg.model):
+    for section in sections:
         for f in dataclasses.fields(section):
             v = getattr(section, f.name)
             if isinstance(v, str) and f.type in ("float", "float | None"):
@@ -168,8 +216,80 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> Experimen
                     setattr(section, f.name, float(v))
                 except ValueError as exc:
                     raise ConfigError(f"{where}: {f.name}={v!r} is not a number") from exc
+
+
+def config_from_dict(values: dict[str, Any], where: str = "config") -> ExperimentConfig:
+    if isinstance(values, dict) and is_lora_config(values, where):
+        raise ConfigError(
+            f"{where}: a {LORA_KIND} config (LoRA fine-tuning of a text-to-image model); "
+            "this needs a pixel-space DDPM config (`diffattr train` reads both)"
+        )
+    cfg = _build(ExperimentConfig, values, where)
+    _coerce_floats((cfg.train, cfg.scheduler, cfg.sample, cfg.model), where)
     _check_train(cfg.train, where)
+    check_data_captions(cfg.data, where)
     return cfg
+
+
+def is_lora_config(values: dict[str, Any], where: str = "config") -> bool:
+    """True for the YAML mapping of a :class:`LoraExperimentConfig` (``kind: text-to-image-lora``,
+    or a ``base_model`` key without a ``kind``); an unknown ``kind`` is a :class:`ConfigError`."""
+    kind = values.get("kind")
+    if kind is None:
+        return "base_model" in values
+    if kind != LORA_KIND:
+        raise ConfigError(
+            f"{where}: kind: unknown config kind {kind!r}; known: [{LORA_KIND!r}] "
+            "(leave kind out for a pixel-space DDPM config)"
+        )
+    return True
+
+
+def lora_config_from_dict(values: dict[str, Any], where: str = "config") -> LoraExperimentConfig:
+    """A :class:`LoraExperimentConfig` from its YAML mapping; every bad field is one line."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    cfg = _build(LoraExperimentConfig, {"kind": LORA_KIND, **values}, where)
+    _coerce_floats((cfg.train, cfg.lora), where)
+    if cfg.kind != LORA_KIND:
+        raise ConfigError(f"{where}: kind={cfg.kind!r}; expected {LORA_KIND!r}")
+    if not isinstance(cfg.base_model, str) or not cfg.base_model:
+        raise ConfigError(
+            f"{where}: base_model: the local Stable Diffusion folder to fine-tune is required "
+            "(a StableDiffusionPipeline.save_pretrained folder)"
+        )
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ConfigError(f"{where}: seed={cfg.seed!r}; expected an integer")
+    _check_lora(cfg.lora, where)
+    _check_train(cfg.train, where)
+    if cfg.train.ema_decay is not None:
+        raise ConfigError(
+            f"{where}: train.ema_decay={cfg.train.ema_decay!r}; LoRA fine-tuning keeps no EMA "
+            "weights (leave it out)"
+        )
+    check_data_captions(cfg.data, where)
+    return cfg
+
+
+def _check_lora(lora: LoraSettings, where: str) -> None:
+    if isinstance(lora.rank, bool) or not isinstance(lora.rank, int) or lora.rank < 1:
+        raise ConfigError(f"{where}: lora.rank={lora.rank!r}; expected an integer >= 1")
+    a = lora.alpha
+    if a is not None and (isinstance(a, bool) or not isinstance(a, int | float) or not a > 0):
+        raise ConfigError(f"{where}: lora.alpha={a!r}; expected a number > 0 or null (= rank)")
+    if lora.init not in LORA_INITS:
+        raise ConfigError(f"{where}: lora.init={lora.init!r}; expected one of {list(LORA_INITS)}")
+    t = lora.targets
+    if (
+        isinstance(t, str)
+        or not isinstance(t, list)
+        or not t
+        or not all(isinstance(x, str) and x for x in t)
+    ):
+        raise ConfigError(
+            f"{where}: lora.targets={t!r}; expected a non-empty list of module names, e.g. "
+            f"{list(DEFAULT_LORA_TARGETS)}"
+        )
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -177,7 +297,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # Keys added after results were first written. Left out of identities while at their defaults,
 # so folders made before the keys existed (trained models, evaluations) still reopen.
 _ADDED_LATER: dict[str, tuple[str, ...]] = {
-    "data": ("selection", "selection_seed"),
+    "data": ("selection", "selection_seed", "prompt_template", "caption_column"),
     "model": (
         "norm_eps",
         "resnet_time_scale_shift",
@@ -209,6 +329,13 @@ def identity_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return drop_later_defaults(cfg.to_dict(), _ADDED_LATER, _SECTION_TYPES)
 
 
+def lora_identity_dict(cfg: LoraExperimentConfig) -> dict[str, Any]:
+    """``cfg.to_dict()`` for result identities, with the same later-added data / train keys left
+    out while at their defaults as :func:`identity_dict`."""
+    added = {k: _ADDED_LATER[k] for k in ("data", "train")}
+    return drop_later_defaults(cfg.to_dict(), added, _SECTION_TYPES)
+
+
 def _check_train(t: TrainConfig, where: str) -> None:
     for key in ("steps", "batch_size", "gradient_accumulation_steps"):
         v = getattr(t, key)
@@ -232,6 +359,23 @@ def _check_train(t: TrainConfig, where: str) -> None:
     f = t.lr_warmup_fraction
     if f is not None and not 0.0 <= f < 1.0:
         raise ConfigError(f"{where}: train.lr_warmup_fraction={f!r}; expected a value in [0, 1)")
+
+
+PROMPT_CLASS_FIELD = "{class}"
+
+
+def check_data_captions(d: DataConfig, where: str = "data") -> None:
+    """``data.prompt_template`` must be a string holding ``{class}``; ``data.caption_column`` a
+    non-empty string."""
+    t = d.prompt_template
+    if t is not None and (not isinstance(t, str) or PROMPT_CLASS_FIELD not in t):
+        raise ConfigError(
+            f"{where}: data.prompt_template={t!r}; expected a string containing "
+            f"{PROMPT_CLASS_FIELD}, e.g. 'a {{class}} painting'"
+        )
+    c = d.caption_column
+    if not isinstance(c, str) or not c:
+        raise ConfigError(f"{where}: data.caption_column={c!r}; expected a non-empty string")
 
 
 def resolve_train_length(cfg: ExperimentConfig, n_train: int) -> ExperimentConfig:
@@ -258,13 +402,30 @@ def resolve_train_length(cfg: ExperimentConfig, n_train: int) -> ExperimentConfi
     return dataclasses.replace(cfg, train=train)
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read an :class:`ExperimentConfig` from a YAML file (clear errors for missing/bad files)."""
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read an :class:`ExperimentConfig` from a YAML file (clear errors for missing/bad files).
+
+    A LoRA fine-tuning config is refused here; :func:`load_train_config` reads either kind.
+    """
+    path = Path(path)
+    return config_from_dict(_read_yaml(path), where=str(path))
+
+
+def load_train_config(path: str | Path) -> ExperimentConfig | LoraExperimentConfig:
+    """Read what ``diffattr train`` trains: a pixel-space :class:`ExperimentConfig`, or a
+    :class:`LoraExperimentConfig` when the YAML says ``kind: text-to-image-lora`` (or has a
+    ``base_model``)."""
+    path = Path(path)
+    values = _read_yaml(path)
+    if isinstance(values, dict) and is_lora_config(values, str(path)):
+        return lora_config_from_dict(values, where=str(path))
     return config_from_dict(values, where=str(path))

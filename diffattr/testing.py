@@ -7,8 +7,9 @@ multi-process run bit for bit.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers.models.unets.unet_2d import UNet2DModel
@@ -109,3 +110,193 @@ def _save_checkpoint(net: Any, processor: Any, path: str | Path) -> Path:
         if bars:
             tlog.enable_progress_bar()
     return path
+
+
+#: Words of the tiny text-to-image tokenizer: each is one token (the BPE merges build them).
+TINY_T2I_WORDS: tuple[str, ...] = (
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "and",
+    "with",
+    "painting",
+    "photo",
+    "picture",
+    "drawing",
+    "digit",
+    "zero",
+    "one",
+    "thick",
+    "thin",
+    "outlined",
+    "inverted",
+    "style",
+    "ukiyo",
+    "e",
+    "post",
+    "impressionism",
+)
+#: token positions of the tiny text encoder (the tokenizer pads and truncates to this)
+TINY_T2I_MAX_LENGTH = 16
+
+
+def tiny_clip_vocab(
+    words: tuple[str, ...] = TINY_T2I_WORDS,
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP BPE vocabulary and merge list in which every word of ``words`` is one token (and
+    every lowercase letter of them is a token, so other words still tokenize)."""
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    for c in sorted(set("".join(words))):
+        add(c)
+        add(c + "</w>")
+    merges: list[tuple[str, str]] = []
+    for w in words:
+        parts = [*w[:-1], w[-1] + "</w>"]
+        cur = parts[0]
+        for p in parts[1:]:
+            if (cur, p) not in merges:
+                merges.append((cur, p))
+            cur += p
+            add(cur)
+    return vocab, merges
+
+
+def tiny_t2i_folder(path: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """A tiny random ``StableDiffusionPipeline`` saved with ``save_pretrained`` into ``path``:
+    8x8x4 latents of 16x16 RGB images, a ``UNet2DConditionModel`` (8/16 channels, cross-attention
+    blocks, ~52k parameters), an ``AutoencoderKL`` (4/8 channels), a 2-layer CLIP text encoder
+    (hidden 16) and a ``CLIPTokenizer`` built from :data:`TINY_T2I_WORDS` (its ``vocab.json`` and
+    ``merges.txt`` are written here, never fetched). The scheduler is Stable Diffusion's: SD 1.x's
+    PNDM config for ``"epsilon"``, SD 2.x's DDIM config for ``"v_prediction"`` (1000 steps,
+    scaled-linear betas 0.00085..0.012, ``clip_sample`` off). No download; well under a second.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as tlog
+
+    path = Path(path)
+    tok_dir = path / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    vocab, merges = tiny_clip_vocab()
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab, indent=1) + "\n")
+    (tok_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    )
+    # Read back the files just written (the slow-tokenizer pair older transformers loads).
+    read_merges = [
+        tuple(line.split()) for line in (tok_dir / "merges.txt").read_text().splitlines()[1:]
+    ]
+    tokenizer = CLIPTokenizer(
+        vocab=json.loads((tok_dir / "vocab.json").read_text()),
+        merges=cast(Any, read_merges),  # (a, b) pairs: what the tokenizers BPE takes
+        model_max_length=TINY_T2I_MAX_LENGTH,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=4,
+            norm_num_groups=4,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(4, 8),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=2,
+            sample_size=16,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=16,
+                intermediate_size=32,
+                projection_dim=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=TINY_T2I_MAX_LENGTH,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+    sd = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    scheduler: Any
+    if prediction_type == "epsilon":  # runwayml/stable-diffusion-v1-5's scheduler
+        scheduler = PNDMScheduler(**sd, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    else:  # stabilityai/stable-diffusion-2's scheduler (prediction_type is checked on load)
+        scheduler = DDIMScheduler(
+            **sd,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type=prediction_type,
+        )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
+        requires_safety_checker=False,
+    )
+    bars = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        cast(Any, pipe).save_pretrained(str(path), safe_serialization=True)
+    finally:
+        if bars:
+            tlog.enable_progress_bar()
+    if prediction_type == "epsilon":  # SD 1.5's config says so too (PNDM never clips)
+        cfg_path = path / "scheduler" / "scheduler_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["clip_sample"] = False
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def tiny_lora_file(
+    model: Any, path: str | Path, rank: int = 2, seed: int = 0, trained: bool = True
+) -> Path:
+    """Add a rank-``rank`` LoRA drawn from ``seed`` to ``model.unet`` (or a UNet) and save it
+    with :func:`~diffattr.diffusion.lora.save_lora` into folder ``path``; returns the file.
+
+    ``trained=True``: A and B both random and non-zero (as after some training: the LoRA changes
+    the outputs and every LoRA gradient is non-zero); ``False``: the gaussian init (B = 0).
+    """
+    from diffattr.diffusion.lora import add_lora, save_lora
+
+    unet = getattr(model, "unet", model)
+    add_lora(unet, rank, init="random" if trained else "gaussian", seed=seed)
+    if trained:  # peft's "random" init draws B small; make the LoRA's effect clearly visible
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            for name, p in unet.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0.0, 0.5)
+    if hasattr(model, "refresh_hash"):
+        model.refresh_hash()
+    return save_lora(unet, path)

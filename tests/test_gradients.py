@@ -124,10 +124,25 @@ def test_patterns_that_match_nothing_are_one_clear_option_error() -> None:
     assert "'*to_q*'" not in text
     assert "conv_in.weight" in text and "time_embedding.linear_1.weight" in text
     assert "top-level groups: conv_in.*, time_embedding.*, down_blocks.*, up_blocks.*" in text
-    assert text.endswith("named group instead of a list (params=NAME): up-blocks")
+    assert text.endswith(
+        "named group instead of a list (params=NAME): up-blocks, all, lora, cross-attn-kv"
+    )
     with pytest.raises(OptionError, match="pattern 'x' matches no parameter") as exc:
         select_params(model.unet, ["x"])
-    assert "named group" not in str(exc.value)
+    assert str(exc.value).endswith("(params=NAME): all, lora, cross-attn-kv")
+
+
+def test_named_groups_select_their_parameters() -> None:
+    """``all`` is every parameter; a group is refused by name where the model has none of its
+    parameters (the pixel UNet has no cross-attention and no LoRA); elsewhere it selects exactly
+    the names its patterns match (tests/test_t2i_attribution.py: on a text-to-image model)."""
+    model = tiny_model()
+    names = list(dict(model.unet.named_parameters()))
+    assert list(select_params(model.unet, ["all"])) == names
+    assert list(select_params(model.unet, "all")) == names
+    for group in ("lora", "cross-attn-kv"):
+        with pytest.raises(OptionError, match=f"pattern '{group}' matches no parameter"):
+            select_params(model.unet, [group])
 
 
 # ---------------------------------------------------------------------------------- outputs

@@ -100,12 +100,12 @@ def test_loss_falls_on_digits(tmp_path):
 
 def test_epoch_order_visits_every_image_once_per_epoch():
     cfg = tiny_cfg(batch_size=7)
-    order = trainer_mod._EpochOrder(cfg.seed, 20)
+    order = trainer_mod.EpochOrder(cfg.seed, 20)
     rows = torch.cat([draw_micro_batch(cfg, order, m, (1, 8, 8), 1000).rows for m in range(6)])
     assert sorted(rows[:20].tolist()) == list(range(20))
     assert sorted(rows[20:40].tolist()) == list(range(20))
     assert not torch.equal(rows[:20], rows[20:40])  # a fresh permutation each epoch
-    again = draw_micro_batch(cfg, trainer_mod._EpochOrder(cfg.seed, 20), 4, (1, 8, 8), 1000)
+    again = draw_micro_batch(cfg, trainer_mod.EpochOrder(cfg.seed, 20), 4, (1, 8, 8), 1000)
     ref = draw_micro_batch(cfg, order, 4, (1, 8, 8), 1000)
     assert torch.equal(again.rows, ref.rows) and torch.equal(again.noise, ref.noise)
     assert torch.equal(again.t, ref.t) and not again.flip.any()  # random_flip off
@@ -117,14 +117,14 @@ def test_subset_training_only_touches_the_subset(tmp_path, monkeypatch):
     mask[::3] = True
     sub = full.subset(mask)
     seen: list[int] = []
-    real_fetch = trainer_mod._fetch_batch
+    real_fetch = trainer_mod.fetch_batch
 
     def spy(train_set, rows):
         x, labels, ids = real_fetch(train_set, rows)
         seen.extend(ids.tolist())
         return x, labels, ids
 
-    monkeypatch.setattr(trainer_mod, "_fetch_batch", spy)
+    monkeypatch.setattr(trainer_mod, "fetch_batch", spy)
     cfg = tiny_cfg(steps=6, batch_size=8, random_flip=True)
     train_model(cfg, sub, tmp_path / "sub", progress=False)
     allowed = set(full.ids[mask].tolist())
@@ -187,7 +187,7 @@ def test_finished_run_is_loaded_not_retrained(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("training data touched although the run is finished")
 
-    monkeypatch.setattr(trainer_mod, "_fetch_batch", fail)
+    monkeypatch.setattr(trainer_mod, "fetch_batch", fail)
     again = train_model(cfg, data, tmp_path / "r", progress=False)
     assert again.model_hash() == first.model_hash()
 

@@ -28,12 +28,17 @@ DEFAULT_TOP_K = 10
 
 @dataclass
 class Queries:
-    """Images to attribute. ``images``: float32 ``(n, C, H, W)`` in ``[-1, 1]``."""
+    """Images to attribute. ``images``: float32 ``(n, C, H, W)`` in ``[-1, 1]`` (pixels, also for
+    a latent model: attributors encode them). ``labels``: class labels ``(n,)`` for a
+    class-conditional model; ``prompts``: the text of each image for a text-to-image model (the
+    prompt it was generated with; ``""`` attributes it unconditionally); ``trajectories``: the
+    sampling trajectory of each image (Journey-TRAK), in the model's input space."""
 
     images: torch.Tensor
     names: list[str]
     labels: torch.Tensor | None = None
     trajectories: list[Trajectory] | None = None
+    prompts: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -44,6 +49,10 @@ class Queries:
             raise ValueError(f"queries: {len(self.names)} names for {self.images.shape[0]} images")
         if self.trajectories is not None and len(self.trajectories) != len(self.names):
             raise ValueError("queries: one trajectory per image is required")
+        if self.prompts is not None and (
+            isinstance(self.prompts, str) or len(self.prompts) != len(self.names)
+        ):
+            raise ValueError("queries: one prompt per image is required")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -54,6 +63,7 @@ class Queries:
             images=data.images,
             names=[f"{data.name}:{int(i)}" for i in data.ids],
             labels=data.labels,
+            prompts=data.captions,
         )
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffattr.attribution.conditioning import prediction_target
 from diffattr.attribution.gradients import (
     grad_sq_norms,
     per_sample_grads,
@@ -210,14 +211,17 @@ def row_noise(
 
 
 def _noisy_rows(model: Any, rows: Rows, args: FeaturizeArgs) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x_t, noise, t)`` on the rows' device for the clean images ``rows.x0`` ``(R, C, H, W)``."""
+    """``(x_t, target, t)`` on the rows' device for the clean images ``rows.x0`` ``(R, C, H, W)``:
+    the noisy inputs and what the model should predict there (the noise, or the velocity of a
+    v-prediction model; :func:`~diffattr.attribution.conditioning.prediction_target`)."""
     x0 = rows.x0
     noise = row_noise(rows.ids, rows.t, rows.draws, tuple(x0.shape[1:]), args.seed, args.noise).to(
         device=x0.device, dtype=x0.dtype
     )
     t = rows.t
     t_dev = t.to(x0.device)
-    return model.scheduler.add_noise(x0, noise, t_dev), noise, t_dev
+    x_t = model.scheduler.add_noise(x0, noise, t_dev)
+    return x_t, prediction_target(model, x0, noise, t_dev), t_dev
 
 
 Want = tuple[str, bool]  # (output function, unit-normalise each row's gradient)
@@ -270,10 +274,10 @@ def kronecker_batch(
     return out, eps.detach()
 
 
-def rms_errors(pred: Tensor, noise: Tensor) -> Tensor:
+def rms_errors(pred: Tensor, target: Tensor) -> Tensor:
     """Root-mean-square denoising error per row ``(R,)`` float32: the prediction ``(R, C, H, W)``
-    against the noise it should predict."""
-    return (pred.float() - noise.float()).pow(2).flatten(1).mean(dim=1).sqrt()
+    against what it should predict (the noise; a v-prediction model's velocity)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1).sqrt()
 
 
 def raw_batch(
@@ -357,9 +361,12 @@ def per_step_features(
 def _check_images_and_labels(
     model: Any, x0: Tensor, class_labels: Tensor | None, n: int, what: str
 ) -> None:
-    """Refuse images ``(..., C, H, W)`` the model does not take and labels that are not ``(n,)``."""
-    if class_labels is not None and tuple(class_labels.shape) != (n,):
-        raise ValueError(f"{what}: class_labels must be ({n},), got {tuple(class_labels.shape)}")
+    """Refuse inputs ``(..., C, H, W)`` the model does not take and a conditioning (class labels
+    ``(n,)``, token ids ``(n, L)``) of another length."""
+    if class_labels is not None and class_labels.shape[0] != n:
+        raise ValueError(
+            f"{what}: the conditioning has {class_labels.shape[0]} rows for {n} images"
+        )
     image_shape = getattr(model, "image_shape", None)
     if image_shape is not None and tuple(x0.shape[-3:]) != tuple(image_shape):
         raise ValueError(
@@ -673,10 +680,3 @@ def fill_feature_store(
         on_shard=on_shard,
         unit=unit,
     )[0]
-
-
-def labels_for_store(model: Any, data: ImageDataset, rows: slice | Tensor) -> Tensor | None:
-    """The class labels of ``data``'s ``rows`` when the model is class-conditional, else None."""
-    if getattr(model, "num_classes", None) is None or data.labels is None:
-        return None
-    return data.labels[rows]

@@ -30,14 +30,33 @@ from diffattr.errors import OptionError
 log = logging.getLogger(__name__)
 
 
+#: Named parameter groups every gradient method's ``params`` option accepts, by name inside its
+#: list or alone (``params=lora``): fnmatch patterns over the UNet's parameter names, of which a
+#: model need only have some (a LoRA-wrapped layer's weight is ``<layer>.base_layer.weight``).
+#: ``lora``: peft's LoRA matrices (D-TRAK's ArtBench setting: gradients of the LoRA only);
+#: ``cross-attn-kv``: the key and value projections of cross-attention, the text's entry into the
+#: UNet (attribution by unlearning's subset); ``all``: every parameter.
+PARAM_GROUPS: dict[str, list[str] | None] = {
+    "all": None,
+    "lora": ["*.lora_A.*", "*.lora_B.*"],
+    "cross-attn-kv": [
+        f"*attn2.{proj}.{part}"
+        for proj in ("to_k", "to_v")
+        for part in ("weight", "bias", "base_layer.weight", "base_layer.bias")
+    ],
+}
+
+
 def select_params(
-    unet: nn.Module, patterns: list[str] | None = None, presets: Iterable[str] = ()
+    unet: nn.Module, patterns: list[str] | str | None = None, presets: Iterable[str] = ()
 ) -> dict[str, nn.Parameter]:
     """Parameters of ``unet`` whose name matches any of the fnmatch ``patterns`` (all if None).
 
-    Order follows ``unet.named_parameters()``. Raises :class:`~diffattr.errors.OptionError` (a
-    ``ValueError``; the CLI prints it as one line) naming every pattern that matches no parameter
-    (a typo would otherwise silently drop a layer), with example names, the top-level groups and
+    An entry of ``patterns`` may name a group of :data:`PARAM_GROUPS` (``"lora"``,
+    ``"cross-attn-kv"``, ``"all"``), which stands for its patterns. Order follows
+    ``unet.named_parameters()``. Raises :class:`~diffattr.errors.OptionError` (a ``ValueError``;
+    the CLI prints it as one line) naming every pattern, or group, that matches no parameter (a
+    typo would otherwise silently drop a layer), with example names, the top-level groups and
     ``presets``, the named groups the calling method also accepts.
     """
     named = dict(unet.named_parameters())
@@ -47,14 +66,29 @@ def select_params(
         patterns = [patterns]
     if len(patterns) == 0:
         raise OptionError("params: empty pattern list; use None to select every parameter")
-    bad = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in named)]
+    if any(PARAM_GROUPS.get(p, []) is None for p in patterns):  # "all"
+        return named
+
+    def matches(name: str, entry: str) -> bool:
+        group = PARAM_GROUPS.get(entry)
+        pats = [entry] if group is None else group
+        return any(fnmatch.fnmatchcase(name, pat) for pat in pats)
+
+    bad = [entry for entry in patterns if not any(matches(n, entry) for n in named)]
     if bad:
-        raise OptionError(_no_match_message(bad, list(named), list(presets)))
-    return {
-        name: p
-        for name, p in named.items()
-        if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
-    }
+        raise OptionError(
+            _no_match_message(
+                bad, list(named), [*presets, *(g for g in PARAM_GROUPS if g not in presets)]
+            )
+        )
+    return {name: p for name, p in named.items() if any(matches(name, e) for e in patterns)}
+
+
+def default_params(model: Any) -> list[str] | None:
+    """What a gradient method differentiates when its ``params`` option is unset: the LoRA
+    matrices of a model with a LoRA loaded (D-TRAK's setting), else every parameter."""
+    names = (n for n, _ in model.unet.named_parameters())
+    return ["lora"] if any(".lora_A." in n or ".lora_B." in n for n in names) else None
 
 
 def _no_match_message(bad: list[str], names: list[str], presets: list[str]) -> str:

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffattr.attribution.conditioning import data_condition, dataset_inputs
 from diffattr.attribution.featurize import (
     FeaturizeArgs,
     aggregate_samples,
     build_projector,
     fill_feature_store,
-    labels_for_store,
     row_features,
     store_identity,
 )
@@ -106,8 +106,9 @@ def group_features(
         chunk = items[c0 : c0 + per_call]
         pos = torch.tensor([p for _, p, steps in chunk for _ in steps], dtype=torch.int64)
         t = torch.tensor([timesteps[s] for _, _, steps in chunk for s in steps], dtype=torch.int64)
-        labels = labels_for_store(model, data, pos)
-        f = row_features(model, data.images[pos], data.ids[pos], t, args, labels)
+        labels = data_condition(model, data, pos)
+        x0 = dataset_inputs(model, data)[pos]
+        f = row_features(model, x0, data.ids[pos], t, args, labels)
         f = f.detach().to("cpu", torch.float32)
         per_member = aggregate_samples(
             f.reshape(len(chunk), per_image, *f.shape[1:]), args.aggregate

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffattr.attribution.conditioning import data_condition, dataset_inputs, pixel_shape
 from diffattr.attribution.featurize import (
     PROJECT_BUFFER_BYTES,
     FeaturizeArgs,
@@ -46,7 +47,6 @@ from diffattr.attribution.featurize import (
     check_finite,
     feature_store_spec,
     kronecker_batch,
-    labels_for_store,
     raw_batch,
     rms_errors,
     store_identity,
@@ -230,11 +230,11 @@ def _timesteps(model: Any, args: FeaturizeArgs) -> list[int]:
 def _plan(model: Any, data: ImageDataset, request: StoreRequest) -> _Plan:
     args = request.args
     timesteps = _timesteps(model, args)
-    image_shape = getattr(model, "image_shape", None)
-    if image_shape is not None and tuple(data.images.shape[1:]) != tuple(image_shape):
+    image_shape = pixel_shape(model)
+    if image_shape is not None and tuple(data.images.shape[1:]) != image_shape:
         raise ValueError(
             f"featurize: data {data.name!r} has images of shape {tuple(data.images.shape[1:])}, "
-            f"the model takes {tuple(image_shape)}"
+            f"the model takes {image_shape}"
         )
     proj, params = build_projector(model, args)
     n = len(data)
@@ -296,8 +296,10 @@ def chunks(n: int, size: int) -> list[slice]:
 
 def shard_features(model: Any, data: ImageDataset, sl: slice, plans: list[_Plan]) -> list[Tensor]:
     """Aggregated features of ``data``'s items ``sl`` for each plan (its store's rows)."""
-    x0, ids = data.images[sl], data.ids[sl]
-    labels = labels_for_store(model, data, sl)
+    # The model's inputs (a latent model's VAE latents, encoded once per data set) and its
+    # conditioning (class labels, caption token ids) of these rows.
+    x0, ids = dataset_inputs(model, data)[sl], data.ids[sl]
+    labels = data_condition(model, data, sl)
     out: list[list[Tensor]] = [[] for _ in plans]
     with eval_mode(model.unet):
         for c in chunks(int(ids.shape[0]), plans[0].args.batch_size):
@@ -401,12 +403,12 @@ def _chunk_features(
                     pools[j].add(raw[plans[j].want], rows, plans[j].positions[t], d)
             residuals = [j for j in need if plans[j].residuals]
             if residuals:
-                x_t, noise, t_dev = _noisy_rows(model, rows, args)
+                x_t, target, t_dev = _noisy_rows(model, rows, args)
                 if pred is None:
                     # No Kronecker forward to read it from (dense projection, or residuals only).
                     with torch.no_grad():
                         pred = model.eps(x_t, t_dev, y)
-                err = rms_errors(pred, noise).to("cpu")
+                err = rms_errors(pred, target).to("cpu")
                 check_finite(err, "denoising error", rows.ids, rows.t, rows.draws)
                 for j in residuals:
                     for s in plans[j].positions[t]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffattr.attribution.base import Attributor
+from diffattr.attribution.conditioning import pixel_shape
 from diffattr.attribution.onepass import featurize_for
 from diffattr.attribution.registry import make_attributor, make_options
 from diffattr.data.dataset import ImageDataset
@@ -101,7 +102,7 @@ def fit_into_folders(
 def check_image_shape(model: Any, model_path: str | Path, train: ImageDataset) -> None:
     """Refuse training images of another shape than the model's, before any folder is written
     (the engine would refuse inside the first shard)."""
-    want = getattr(model, "image_shape", None)
+    want = pixel_shape(model)
     if want is not None and tuple(train.images.shape[1:]) != tuple(want):
         got, size = "x".join(str(d) for d in train.images.shape[1:]), want[-1]
         raise UserError(

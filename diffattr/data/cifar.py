@@ -15,7 +15,8 @@ are read only through :mod:`diffattr.data.safe_pickle`.
 Ids: train = global row index over ``data_batch_1..5`` in order (0..49999 for the full set), test =
 row index in ``test_batch``. Class subsets and ``limit`` (first N by id after class filtering) keep
 ids. Size: native 32; another ``size`` is made by :func:`diffattr.data.images.resize_images`
-(torch antialiased bilinear on the float images).
+(torch antialiased bilinear on the float images). Captions: with ``data.prompt_template``, e.g.
+``"a {class} painting"`` (style names with underscores as spaces: ``a ukiyo e painting``).
 
 Named subsets (fixed class sets; ``classes`` may only narrow them):
 
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from diffattr.config import DataConfig
+from diffattr.data.captions import template_captions
 from diffattr.data.dataset import DataError, ImageDataset
 from diffattr.data.images import from_uint8, resize_images
 from diffattr.data.safe_pickle import safe_load
@@ -195,6 +197,7 @@ def load_batches(
         labels=kept_labels,
         class_names=keep,
         groups={fmt.group_key: [keep[i] for i in kept_labels.tolist()]},
+        captions=template_captions(cfg, keep, kept_labels, source),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,9 @@ class ImageDataset:
     ``labels``: optional int64 ``(n,)`` class index into ``class_names``.
     ``groups``: optional named groupings for group-level attribution, e.g. ``{"class": [...],
     "artist": [...]}``, each a list of ``n`` strings.
+    ``captions``: optional text prompt of each image (``n`` strings, row order), for text-to-image
+    models: from an image folder's ``metadata.jsonl`` or the data config's ``prompt_template``
+    (:mod:`diffattr.data.captions`). Every subset keeps each image's caption with it.
     """
 
     name: str
@@ -35,6 +39,7 @@ class ImageDataset:
     labels: torch.Tensor | None = None
     class_names: list[str] | None = None
     groups: dict[str, list[str]] = field(default_factory=dict)
+    captions: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -51,6 +56,17 @@ class ImageDataset:
         for key, values in self.groups.items():
             if len(values) != n:
                 raise DataError(f"{self.name}: group {key!r} has {len(values)} entries, want {n}")
+        if self.captions is not None:
+            if isinstance(self.captions, str) or len(self.captions) != n:
+                got = "a string" if isinstance(self.captions, str) else f"{len(self.captions)}"
+                raise DataError(f"{self.name}: captions must be a list of {n} strings, got {got}")
+            bad = next((i for i, c in enumerate(self.captions) if not isinstance(c, str)), None)
+            if bad is not None:
+                raise DataError(
+                    f"{self.name}: caption of row {bad} (id {int(self.ids[bad])}) is "
+                    f"{type(self.captions[bad]).__name__}, not a string"
+                )
+            self.captions = list(self.captions)
         if n and torch.unique(self.ids).numel() != n:
             raise DataError(f"{self.name}: ids are not unique")
 
@@ -101,15 +117,27 @@ class ImageDataset:
             labels=None if self.labels is None else self.labels[idx],
             class_names=self.class_names,
             groups={k: [v[i] for i in idx.tolist()] for k, v in self.groups.items()},
+            captions=None if self.captions is None else [self.captions[i] for i in idx.tolist()],
         )
 
     def data_hash(self) -> str:
-        """sha256 over ids, shape and image bytes (and labels): identical data, identical hash
-        (remembered until a tensor is replaced or changed in place: :func:`~diffattr.repro.memo_digest`;
-        a change through ``.data`` bypasses the version counter and is not seen: data sets are
-        never modified that way here)."""
+        """sha256 over ids, shape and image bytes (and labels, and captions): identical data,
+        identical hash.
+
+        The tensor part is remembered until a tensor is replaced or changed in place
+        (:func:`~diffattr.repro.memo_digest`; a change through ``.data`` bypasses the version
+        counter and is not seen: data sets are never modified that way here). Captions, when
+        present, are hashed on every call (cheap next to the pixels) into a second sha256 over the
+        tensor digest, so a set without captions keeps the hash it had before captions existed.
+        """
         tensors = [self.images, self.ids] + ([] if self.labels is None else [self.labels])
-        return memo_digest(self, tensors, self._data_hash)
+        digest = memo_digest(self, tensors, self._data_hash)
+        if self.captions is None:
+            return digest
+        h = hashlib.sha256(b"diffattr captions v1\x00")
+        h.update(digest.encode())
+        h.update(json.dumps(self.captions, ensure_ascii=False).encode())
+        return h.hexdigest()
 
     def _data_hash(self) -> str:
         h = hashlib.sha256()
@@ -137,4 +165,12 @@ class ImageDataset:
             out["classes"] = {names[i]: int(c) for i, c in enumerate(counts) if c}
         if self.groups:
             out["groups"] = {k: len(set(v)) for k, v in self.groups.items()}
+        if self.captions is not None:
+            distinct = sorted(set(self.captions))
+            out["captions"] = {
+                "n": len(self.captions),
+                "distinct": len(distinct),
+                "first": self.captions[0] if self.captions else None,
+                **({"values": distinct} if len(distinct) <= 10 else {}),
+            }
         return out

@@ -8,6 +8,7 @@
   (torch antialiased bilinear) from the float 8x8 images.
 - Classes: names ``"0"`` .. ``"9"``; ``digits`` keeps all by default, ``digits-2`` keeps ``"0"`` and
   ``"1"``; ``classes`` narrows either. Labels index the kept names (``digits-2``: the digit itself).
+- Captions: only with ``data.prompt_template`` (``"a drawing of the digit {class}"``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from diffattr.config import DataConfig
+from diffattr.data.captions import template_captions
 from diffattr.data.dataset import DataError, ImageDataset
 from diffattr.data.images import resize_images
 from diffattr.data.selection import check_split, class_mask, limit_rows, select_classes
@@ -68,6 +70,7 @@ def load_digits_dataset(
         labels=labels,
         class_names=keep,
         groups={"class": [keep[i] for i in labels.tolist()]},
+        captions=template_captions(cfg, keep, labels, source),
     )
 
 

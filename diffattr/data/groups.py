@@ -31,6 +31,7 @@ from diffattr.data.dataset import DataError, ImageDataset
 __all__ = ["GroupAssignment", "GroupSpec", "assign_groups", "kmeans_groups", "parse_group_spec"]
 
 CLASS = "class"
+CAPTION = "caption"  # group by the images' captions (a text-to-image training set)
 DEFAULT_N_INIT = 10
 
 
@@ -172,7 +173,15 @@ def _grouping(train: ImageDataset, key: str) -> GroupAssignment:
         return GroupAssignment(np.searchsorted(present, labels), names, train.ids.numpy(), key)
     if key in train.groups:
         return _from_values([str(v) for v in train.groups[key]], train, key)
-    have = ([CLASS] if train.labels is not None else []) + sorted(train.groups)
+    captions = getattr(train, "captions", None)
+    if key == CAPTION and captions is not None:
+        # Images sharing one caption ("a ukiyo-e painting") form a group.
+        return _from_values(list(captions), train, key)
+    have = (
+        ([CLASS] if train.labels is not None else [])
+        + ([CAPTION] if captions is not None else [])
+        + sorted(train.groups)
+    )
     raise DataError(f"{train.name}: no grouping {key!r} (this data set has: {have or 'none'})")
 
 

@@ -13,6 +13,15 @@ exported subset keeps its original ids; its file list must match the folder exac
 an image's id is its position in sorted ``(class, filename)`` order over all classes (so a class
 subset keeps the ids it has in the full folder).
 
+Captions (text-to-image training; :mod:`diffattr.data.captions`): a ``metadata.jsonl`` in the
+split folder (or in ``root`` with ``file_name`` paths starting ``train/`` / ``test/``), one JSON
+object per line with ``file_name`` (path relative to the metadata file's folder) and the caption
+under ``data.caption_column`` (default ``text``), as Hugging Face's imagefolder reads it; every
+image must have exactly one row and every row must name an image of the folder. Without it,
+``data.prompt_template`` (``"a {class} painting"``) captions class folders by their names
+(underscores as spaces). When both are given, the metadata wins (the template is ignored, with a
+log line). A folder with ``metadata.jsonl`` always loads with captions, which enter its data hash.
+
 Size and channels: with ``data.size`` set every image is resized to ``size x size`` (torch
 antialiased bilinear, aspect ratio not kept); without it all images must share one size, and the
 first file of another size is named in the error. Images are 1 channel when every file is grey,
@@ -31,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffattr.config import DataConfig
+from diffattr.data.captions import METADATA_FILE, match_captions, read_metadata, template_captions
 from diffattr.data.dataset import DataError, ImageDataset
 from diffattr.data.images import (
     INDEX_COLUMNS,
@@ -129,6 +139,23 @@ def imagefolder_files(root: str | Path, split: str) -> dict[int, str]:
     return {e.id: e.rel for e in _entries(Path(root).expanduser(), split)}
 
 
+def _metadata_captions(
+    root: Path, folder: Path, split: str, entries: list[_Entry], column: str
+) -> dict[str, str] | None:
+    """``rel`` -> caption of every entry from the split's ``metadata.jsonl`` (in the split folder,
+    or in ``root`` with split-prefixed file names); None when there is none."""
+    if (folder / METADATA_FILE).is_file():
+        path = folder / METADATA_FILE
+        return match_captions(read_metadata(path, column), [e.rel for e in entries], path)
+    if folder == root or not (root / METADATA_FILE).is_file():
+        return None
+    path = root / METADATA_FILE
+    rels = [f"{split}/{e.rel}" for e in entries]
+    others = [f"{s}/" for s in SPLITS if s != split]
+    found = match_captions(read_metadata(path, column), rels, path, ignore_prefixes=others)
+    return {e.rel: found[r] for e, r in zip(entries, rels, strict=True)}
+
+
 def _common_size(entries: list[_Entry]) -> tuple[tuple[int, int], int]:
     """``((w, h), channels)`` shared by all files; the first odd-sized file is an error."""
     first_size, channels = None, 1
@@ -155,6 +182,15 @@ def load_imagefolder(cfg: DataConfig) -> ImageDataset:
         raise DataError(f"{root}: image folder not found (expected root/<class_name>/*.png)")
     folder = _split_folder(root, split)
     entries = _entries(root, split)
+
+    by_file = _metadata_captions(root, folder, split, entries, cfg.caption_column)
+    if by_file is not None and cfg.prompt_template is not None:
+        logger.info(
+            "%s: captions from %s; data.prompt_template %r is not used",
+            folder,
+            METADATA_FILE,
+            cfg.prompt_template,
+        )
 
     labelled = entries[0].class_name is not None
     names: list[str] | None = None
@@ -189,6 +225,11 @@ def load_imagefolder(cfg: DataConfig) -> ImageDataset:
     if names is not None:
         labels = torch.tensor([names.index(str(e.class_name)) for e in entries], dtype=torch.int64)
         groups["class"] = [str(e.class_name) for e in entries]
+    captions: list[str] | None
+    if by_file is not None:
+        captions = [by_file[e.rel] for e in entries]
+    else:
+        captions = template_captions(cfg, names, labels, f"imagefolder {folder} (flat folder)")
     logger.info("imagefolder %s: %d images from %s", split, len(entries), folder)
     return ImageDataset(
         name=f"imagefolder:{folder.name}",
@@ -197,6 +238,7 @@ def load_imagefolder(cfg: DataConfig) -> ImageDataset:
         labels=labels,
         class_names=names,
         groups=groups,
+        captions=captions,
     )
 
 

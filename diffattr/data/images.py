@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from diffattr.data.captions import write_metadata
 from diffattr.data.dataset import DataError, ImageDataset
 
 logger = logging.getLogger(__name__)
@@ -220,9 +221,10 @@ def export_dataset(ds: ImageDataset, folder: str | Path, progress: bool = True) 
     """Write ``ds`` as PNGs named by id and an ``index.csv``; returns ``folder``.
 
     Files are ``<id:06d>.png``, inside ``<class_name>/`` when ``ds`` has labels; ``index.csv`` has
-    columns id, label, class_name, file (path relative to ``folder``). ``folder`` must be new or
-    empty. Reading it back with the ``imagefolder`` source gives the same ids, class names and
-    8-bit pixels (labels then index the sorted class-folder names).
+    columns id, label, class_name, file (path relative to ``folder``). When ``ds`` has captions,
+    ``metadata.jsonl`` holds them (``file_name``, ``text``: Hugging Face's imagefolder convention).
+    ``folder`` must be new or empty. Reading it back with the ``imagefolder`` source gives the same
+    ids, class names, captions and 8-bit pixels (labels then index the sorted class-folder names).
     """
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
@@ -245,5 +247,7 @@ def export_dataset(ds: ImageDataset, folder: str | Path, progress: bool = True) 
         writer = csv.writer(fh)
         writer.writerow(INDEX_COLUMNS)
         writer.writerows(rows)
+    if ds.captions is not None:
+        write_metadata(folder, [r[3] for r in rows], ds.captions)
     logger.info("exported %d images of %s to %s", len(rows), ds.name, folder)
     return folder

@@ -106,6 +106,11 @@ class DiffusionModel:
             )
         return self.unet(x_t, t, class_labels=class_labels).sample
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to predict for ``x_t = add_noise(x0, noise, t)``: the noise
+        (pixel models are epsilon-prediction only)."""
+        return noise
+
 
 @contextlib.contextmanager
 def eval_mode(unet: torch.nn.Module) -> Iterator[None]:
@@ -138,18 +143,23 @@ def vmap_friendly_attention(unet: torch.nn.Module) -> Iterator[None]:
 
 
 def diffusion_loss(
-    model: DiffusionModel,
+    model: Any,
     x0: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
     class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample denoising loss ``(B,)``: mean over pixels of ``(eps(x_t, t) - noise)^2``.
+    """Per-sample training loss ``(B,)``: mean over the input's entries of the squared error of
+    the model's prediction at ``x_t`` against its target (``model.target``: the noise, or a
+    v-prediction model's velocity). Works for any model kind (a text-to-image model's
+    ``class_labels`` are its prompts' token ids).
 
     ``x0``, ``noise``: ``(B, C, H, W)``; ``t``: ``(B,)`` int64; ``x_t`` is the forward-noised ``x0``.
     Computed in float32 even when the UNet runs in half precision.
     """
-    return denoising_loss(model.eps, model.scheduler, x0, t, noise, class_labels)
+    x_t = model.scheduler.add_noise(x0, noise, cast(torch.IntTensor, t))
+    pred = model.eps(x_t, t, class_labels).float()
+    return (pred - model.target(x0, noise, t).float()).pow(2).flatten(1).mean(dim=1)
 
 
 def denoising_loss(
@@ -339,11 +349,21 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionModel:
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    lora: str | os.PathLike | None = None,
+) -> Any:  # DiffusionModel | TextToImageModel: Any until every caller takes both
     """Open a model saved by :func:`save_model` or a local diffusers folder (never downloads).
 
     ``path`` may also be a trainer checkpoint, ``<run>/checkpoints/step-XXXXXX`` (its raw, non-EMA
     weights with the run's config), e.g. for TracIn over training checkpoints.
+
+    A text-to-image pipeline folder (``model_index.json`` naming ``StableDiffusionPipeline``, or
+    any pipeline other than a pixel-space DDPM one, which is then refused with a message) opens
+    as a :class:`~diffattr.diffusion.text2image.TextToImageModel`, with the LoRA ``lora`` on its
+    UNet if given; ``lora`` on a pixel-space model is an error. A finished LoRA run of ``diffattr
+    train`` opens as its recorded base model with that LoRA.
 
     Raises :class:`ModelLoadError` naming the file for a missing folder, missing or corrupt
     weights, or a config that is not a ``UNet2DModel``.
@@ -351,6 +371,24 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: model folder not found")
+    from diffattr.diffusion.lora_trainer import is_lora_trained
+    from diffattr.diffusion.text2image import is_text_to_image_folder, load_text_to_image
+
+    if is_text_to_image_folder(path):
+        return load_text_to_image(path, lora=lora, device=device)
+    if is_lora_trained(path):
+        # A LoRA run of `diffattr train`: its base model (recorded) with this LoRA on it.
+        if lora is not None:
+            raise ModelLoadError(
+                f"{path} is a trained LoRA; give --model its base model or omit --lora"
+            )
+        base = _read_json(path / RECORD_NAME)["base_model"]
+        return load_text_to_image(base, lora=path, device=device)
+    if lora is not None:
+        raise ModelLoadError(
+            f"{path}: a LoRA ({lora}) needs a text-to-image (StableDiffusionPipeline) model; "
+            "this is a pixel-space UNet2DModel folder"
+        )
     if (path / CHECKPOINT_WEIGHTS).exists() and (path / "state.json").exists():
         return _load_trainer_checkpoint(path).to(device)
     unet = _load_unet(_find_unet_dir(path))

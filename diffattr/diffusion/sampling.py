@@ -24,6 +24,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
@@ -54,6 +55,12 @@ class SampleResult:
     initial noise). ``eps``: float32 ``(S, n, C, H, W)``, the predicted noise at each step.
     Both are empty ``(0, n, C, H, W)`` when sampling ran with ``record_trajectory=False``.
     ``class_labels``: int64 ``(n,)`` for a class-conditional model, else ``None``.
+
+    Text-to-image samples (:func:`diffattr.diffusion.t2i_sampling.sample_text_to_image`) also
+    keep ``prompts`` (one per image), ``guidance_scale``, ``negative_prompt``, ``base_hash`` and
+    ``lora_hash`` (``None`` without a LoRA), and their trajectory is in latent space: ``xt`` /
+    ``eps`` are ``(S, n, C, h, w)`` latents and predicted noise, ``latents`` ``(n, C, h, w)`` the
+    final latents, ``images`` the decoded ``(n, 3, H, W)`` pixels. All ``None`` for pixel models.
     """
 
     images: torch.Tensor
@@ -66,6 +73,12 @@ class SampleResult:
     eta: float = 0.0
     model_hash: str | None = None
     class_labels: torch.Tensor | None = None
+    prompts: list[str] | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    base_hash: str | None = None
+    lora_hash: str | None = None
+    latents: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -94,22 +107,43 @@ class SampleResult:
         }
         if self.class_labels is not None:
             tensors["class_labels"] = self.class_labels.to(torch.int64).contiguous()
+        if self.latents is not None:
+            tensors["latents"] = self.latents.to(torch.float32).contiguous()
         tmp = folder / f".{TRAJECTORY_FILE}.tmp{os.getpid()}"
         save_file(tensors, str(tmp))
         os.replace(tmp, folder / TRAJECTORY_FILE)
-        write_json_atomic(
-            folder / SAMPLE_RECORD,
-            {
-                "seed": self.seed,
-                "sampler": self.sampler,
-                "num_inference_steps": self.num_inference_steps,
-                "eta": self.eta,
-                "model_hash": self.model_hash,
-                "n": len(self),
-                "image_shape": list(self.images.shape[1:]),
-                "names": self.names,
-            },
-        )
+        meta: dict[str, Any] = {
+            "seed": self.seed,
+            "sampler": self.sampler,
+            "num_inference_steps": self.num_inference_steps,
+            "eta": self.eta,
+            "model_hash": self.model_hash,
+            "n": len(self),
+            "image_shape": list(self.images.shape[1:]),
+            "names": self.names,
+        }
+        if self.prompts is not None:  # text-to-image: what made each image
+            meta.update(
+                kind="text-to-image",
+                prompts=list(self.prompts),
+                guidance_scale=self.guidance_scale,
+                negative_prompt=self.negative_prompt,
+                base_hash=self.base_hash,
+                lora_hash=self.lora_hash,
+                latent_shape=list(self.xt.shape[2:]) if self.xt.shape[0] else None,
+                images=[
+                    {
+                        "name": name,
+                        "prompt": prompt,
+                        "seed": self.seed,
+                        "index": i,
+                        "guidance_scale": self.guidance_scale,
+                        "num_inference_steps": self.num_inference_steps,
+                    }
+                    for i, (name, prompt) in enumerate(zip(self.names, self.prompts, strict=True))
+                ],
+            )
+        write_json_atomic(folder / SAMPLE_RECORD, meta)
         return folder
 
     @classmethod
@@ -134,7 +168,25 @@ class SampleResult:
             eta=float(meta.get("eta", 0.0)),
             model_hash=meta.get("model_hash"),
             class_labels=tensors.get("class_labels"),
+            prompts=_optional_prompts(meta.get("prompts"), folder, len(tensors["images"])),
+            guidance_scale=(
+                None if meta.get("guidance_scale") is None else float(meta["guidance_scale"])
+            ),
+            negative_prompt=meta.get("negative_prompt"),
+            base_hash=meta.get("base_hash"),
+            lora_hash=meta.get("lora_hash"),
+            latents=tensors.get("latents"),
         )
+
+
+def _optional_prompts(value: Any, folder: Path, n: int) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise ValueError(f"{folder / SAMPLE_RECORD}: 'prompts' must be a list of strings")
+    if len(value) != n:
+        raise ValueError(f"{folder / SAMPLE_RECORD}: {len(value)} prompts for {n} images")
+    return list(value)
 
 
 def make_scheduler(model: DiffusionModel, sampler: str) -> DDPMScheduler | DDIMScheduler:

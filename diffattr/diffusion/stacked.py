@@ -48,20 +48,20 @@ from diffattr.diffusion.model import (
     vmap_friendly_attention,
 )
 from diffattr.diffusion.trainer import (
+    EpochOrder,
     TrainState,
-    _EpochOrder,
-    _fetch_batch,
-    _recent_mean,
     check_inputs,
     checkpoint_dirs,
     draw_micro_batch,
     ema_decay_at,
+    fetch_batch,
     finish_run,
     is_trained,
     learning_rate_at,
     make_optimizer,
     open_out_dir,
     read_checkpoint,
+    recent_mean,
     remove_partial_checkpoints,
     save_checkpoint,
     training_identity,
@@ -114,7 +114,7 @@ class _Device:
 @dataclass
 class _Member:
     job: StackJob
-    order: _EpochOrder
+    order: EpochOrder
     state: TrainState
 
 
@@ -173,7 +173,7 @@ def _train_together(
             model.unet.load_state_dict(ckpt.unet)
         ckpts.append(ckpt)
         state = ckpt.state if ckpt is not None else TrainState()
-        members.append(_Member(job, _EpochOrder(job.cfg.seed, len(job.train_set)), state))
+        members.append(_Member(job, EpochOrder(job.cfg.seed, len(job.train_set)), state))
     steps = {m.state.step for m in members}
     if len(steps) > 1:
         detail = ", ".join(f"{m.job.out_dir.name}: {m.state.step}" for m in members)
@@ -257,7 +257,7 @@ def _train_together(
                 m.state.loss_history.append((step, float(v)))
             bar.update(1)
             if tc.log_every and step % tc.log_every == 0:
-                mean = [_recent_mean(m.state.loss_history, tc.log_every) or 0.0 for m in members]
+                mean = [recent_mean(m.state.loss_history, tc.log_every) or 0.0 for m in members]
                 log.info("stack step %d/%d mean loss %.5f", step, tc.steps, sum(mean) / len(mean))
             at_checkpoint = tc.checkpoint_every and step % tc.checkpoint_every == 0
             if at_checkpoint or (step == target and target < tc.steps):
@@ -319,7 +319,7 @@ def _stack_batches(
     xs, ts, ns, ys = [], [], [], []
     for m in members:
         mb = draw_micro_batch(m.job.cfg, m.order, micro, shape, num_t)
-        x0, labels, _ = _fetch_batch(m.job.train_set, mb.rows)
+        x0, labels, _ = fetch_batch(m.job.train_set, mb.rows)
         xs.append(torch.where(mb.flip[:, None, None, None], x0.flip(-1), x0))
         ts.append(mb.t)
         ns.append(mb.noise)

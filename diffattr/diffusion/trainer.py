@@ -57,7 +57,7 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # ------------------------------------------------------------------------------ data and noise
 
 
-class _EpochOrder:
+class EpochOrder:
     """Maps data-stream positions to dataset rows via per-epoch permutations seeded by (seed, e)."""
 
     def __init__(self, seed: int, n: int) -> None:
@@ -96,7 +96,7 @@ class MicroBatch:
 
 def draw_micro_batch(
     cfg: ExperimentConfig,
-    order: _EpochOrder,
+    order: EpochOrder,
     micro_step: int,
     shape: tuple[int, int, int],
     num_train_timesteps: int,
@@ -112,7 +112,7 @@ def draw_micro_batch(
     return MicroBatch(rows=order.rows(micro_step, b), flip=flip, t=t, noise=noise)
 
 
-def _fetch_batch(
+def fetch_batch(
     train_set: ImageDataset, rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Images ``(B, C, H, W)``, labels ``(B,)`` or None, ids ``(B,)`` of these dataset rows.
@@ -326,7 +326,7 @@ def make_optimizer(cfg: ExperimentConfig, params: Any) -> torch.optim.AdamW:
 
 
 # Settings that cannot change the trained weights: a run reopened with other values is the same run.
-_NOT_IDENTITY = {
+NOT_IDENTITY = {
     "data": ("root",),  # where the files live; the data hash says what they hold
     "train": ("log_every", "checkpoint_every", "num_workers"),
 }
@@ -336,7 +336,7 @@ def training_identity(cfg: ExperimentConfig, train_set: ImageDataset) -> dict[st
     """What decides a trained model: the config (less sampling/logging settings) and the data."""
     config = identity_dict(cfg)
     config.pop("sample")
-    for section, keys in _NOT_IDENTITY.items():
+    for section, keys in NOT_IDENTITY.items():
         for key in keys:
             config[section].pop(key)
     return {"config": config, "data_hash": train_set.data_hash()}
@@ -377,14 +377,18 @@ def check_inputs(cfg: ExperimentConfig, train_set: ImageDataset, accelerator: An
         )
 
 
-def open_out_dir(out_dir: Path, identity: dict, accelerator: Any) -> None:
-    # Every process compares an existing record (so all raise MismatchError alike); only the main
-    # process creates a new one.
-    if (out_dir / RECORD_NAME).exists():
-        open_result_dir(out_dir, MODEL_KIND, identity)
+def open_out_dir(out_dir: Path, identity: dict, accelerator: Any, kind: str = MODEL_KIND) -> None:
+    """Every process compares an existing record (so all raise MismatchError alike); only the
+    main process creates a new one. Every process looks before any creates (the first barrier):
+    otherwise a process that looks late finds the new record and skips the barrier the others
+    wait at."""
+    existed = (out_dir / RECORD_NAME).exists()
+    accelerator.wait_for_everyone()
+    if existed:
+        open_result_dir(out_dir, kind, identity)
         return
     if accelerator.is_main_process:
-        open_result_dir(out_dir, MODEL_KIND, identity)
+        open_result_dir(out_dir, kind, identity)
     accelerator.wait_for_everyone()
 
 
@@ -495,7 +499,7 @@ def finish_run(
 
     ``extra`` goes into the record (e.g. how many models were trained together).
     """
-    _write_loss_csv(out_dir / LOSS_FILE, state.loss_history)
+    write_loss_csv(out_dir / LOSS_FILE, state.loss_history)
     record = read_record(out_dir)
     record.update(
         config=cfg.to_dict(),
@@ -506,7 +510,7 @@ def finish_run(
         steps=state.step,
         ema=cfg.train.ema_decay is not None,
         loss_history_file=LOSS_FILE,
-        final_loss=_recent_mean(state.loss_history),
+        final_loss=recent_mean(state.loss_history),
         train_seconds_last_run=round(time.time() - started, 2),
         num_processes=num_processes,
         **extra,
@@ -518,12 +522,12 @@ def finish_run(
         shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
 
 
-def _recent_mean(history: list[tuple[int, float]], k: int = 50) -> float | None:
+def recent_mean(history: list[tuple[int, float]], k: int = 50) -> float | None:
     tail = [v for _, v in history[-k:]]
     return sum(tail) / len(tail) if tail else None
 
 
-def _write_loss_csv(path: Path, history: list[tuple[int, float]]) -> None:
+def write_loss_csv(path: Path, history: list[tuple[int, float]]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("w", newline="") as f:
         w = csv.writer(f)
@@ -549,7 +553,7 @@ def _train_loop(
     tc = cfg.train
     accum = tc.gradient_accumulation_steps
     rank, world = accelerator.process_index, accelerator.num_processes
-    order = _EpochOrder(cfg.seed, len(train_set))
+    order = EpochOrder(cfg.seed, len(train_set))
     shape = train_set.image_shape
     conditional = cfg.model.num_class_embeds is not None
 
@@ -571,7 +575,7 @@ def _train_loop(
             micro = state.step * accum + a
             mb = draw_micro_batch(cfg, order, micro, shape, model.num_train_timesteps)
             shard = slice(rank, None, world)
-            x0, labels, _ = _fetch_batch(train_set, mb.rows[shard])
+            x0, labels, _ = fetch_batch(train_set, mb.rows[shard])
             x0 = torch.where(mb.flip[shard, None, None, None], x0.flip(-1), x0)
             dev = accelerator.device
             torch.manual_seed(derive_seed(cfg.seed, "dropout", micro, rank))
@@ -603,7 +607,7 @@ def _train_loop(
                 "step %d/%d loss %.5f lr %.2e",
                 state.step,
                 tc.steps,
-                _recent_mean(state.loss_history, tc.log_every),
+                recent_mean(state.loss_history, tc.log_every),
                 learning_rate_at(cfg, state.step - 1),
             )
         at_checkpoint = tc.checkpoint_every and state.step % tc.checkpoint_every == 0

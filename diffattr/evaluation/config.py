@@ -133,7 +133,7 @@ class EvalConfig:
         """
         from diffattr.config import drop_later_defaults, identity_dict
 
-        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+        d = {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
         d["experiment"] = identity_dict(self.experiment)
         return drop_later_defaults(d, _ADDED_LATER, _SECTIONS)
 
@@ -154,7 +154,7 @@ class EvalConfig:
 
 
 # group_subsets: its own identity in out/group_subsets (see GroupSubsetsConfig).
-_NOT_IDENTITY = ("methods", "workers", "stack_models", "group_subsets")
+NOT_IDENTITY = ("methods", "workers", "stack_models", "group_subsets")
 # Keys added after evaluations were first written (see EvalConfig.identity).
 _ADDED_LATER: dict[str, tuple[str, ...]] = {"subsets": ("stratify",), "queries": ("stratify",)}
 

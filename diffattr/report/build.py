@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from diffattr.attribution.base import DEFAULT_TOP_K, Scores
+from diffattr.attribution.conditioning import pixel_shape
 from diffattr.errors import UserError
 from diffattr.report import content as C
 from diffattr.report.agreement import agreement
@@ -66,6 +67,10 @@ class ReportRequest:
     # method -> options for the folders that are built here (a folder that exists must have been
     # made with them); methods not named get their defaults.
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A text-to-image model: the LoRA on top of ``model``, and the image's prompt when it was not
+    # made by `diffattr generate` ("" attributes it unconditionally).
+    lora: Path | None = None
+    prompt: str | None = None
 
 
 @dataclass
@@ -168,8 +173,8 @@ def build_content(req: ReportRequest) -> tuple[dict[str, Any], dict[str, Any]]:
     timer = Timer()
     methods = _check_request(req)
     with timer("load"):
-        model = load_model(req.model, device=compute_device())
-        queries = load_query(req.image, model.image_shape)
+        model = load_model(req.model, device=compute_device(), lora=req.lora)
+        queries = load_query(req.image, pixel_shape(model) or model.image_shape, req.prompt)
     runs, skipped = _open_all(req, model, queries, methods, timer)
     train = runs[0].train
     ids = train.ids.numpy()
@@ -239,7 +244,8 @@ def build_content(req: ReportRequest) -> tuple[dict[str, Any], dict[str, Any]]:
             "path": str(req.image),
             "name": queries.names[0],
             "has_trajectory": queries.trajectories is not None,
-            "image_shape": list(model.image_shape),
+            "prompt": None if queries.prompts is None else queries.prompts[0],
+            "image_shape": list(pixel_shape(model) or model.image_shape),
         },
         "top_k": k,
         "methods": [

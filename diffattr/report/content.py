@@ -114,10 +114,15 @@ def provenance(
     """Hashes, options, seeds and versions: what is needed to reproduce every number."""
     mh, dh = model.model_hash(), train.data_hash()
     record = model.record if isinstance(model.record, dict) else {}
+    lora = getattr(model, "lora_path", None)
     return {
         "model_path": model_path,
         "model_hash": mh,
         "model_hash_short": mh[:12],
+        # A text-to-image model: the base model and the LoRA on it (None without one).
+        "base_hash": model.base_hash() if hasattr(model, "base_hash") else None,
+        "lora_path": None if lora is None else str(lora),
+        "lora_hash": model.lora_hash() if hasattr(model, "lora_hash") else None,
         "model_seed": record.get("seed"),
         "model_steps": record.get("steps"),
         "data": {

@@ -89,11 +89,13 @@ def make_groups(
             return embedding_kmeans(spec, k, train, embedding[1], what, seed)
         how = f"k-means, K={k}, on pixels (seed {seed})"
         return _from_assignment(spec, how, "", {"kmeans": k, "seed": seed}, train)
-    if spec == "class" or spec in train.groups:
-        how = "the data set's classes" if spec == "class" else f"the data set's {spec!r} grouping"
+    if spec in ("class", "caption") or spec in train.groups:
+        how = {"class": "the data set's classes", "caption": "the images' captions"}.get(
+            spec, f"the data set's {spec!r} grouping"
+        )
         return _from_assignment(spec, how, spec, spec, train)
     raise GroupError(
-        f"--groups {spec!r}: expected class, csv:PATH, kmeans:K"
+        f"--groups {spec!r}: expected class, caption, csv:PATH, kmeans:K"
         + (f" or one of {sorted(train.groups)}" if train.groups else "")
     )
 

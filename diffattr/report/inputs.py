@@ -60,22 +60,29 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def load_query(path: Path, shape: tuple[int, int, int]) -> Queries:
-    """The query image (must have the model's shape), with its trajectory when it was written by
-    ``diffattr generate`` (a ``sample.json`` beside it and a numbered ``NNNN.png`` name)."""
+def load_query(path: Path, shape: tuple[int, int, int], prompt: str | None = None) -> Queries:
+    """The query image (must have the model's shape), with its trajectory (and a text-to-image
+    model's prompt) when it was written by ``diffattr generate`` (a ``sample.json`` beside it and
+    a numbered ``NNNN.png`` name); ``prompt`` replaces the saved one."""
     from diffattr.data.images import load_image
     from diffattr.diffusion.sampling import SampleResult
 
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
     image = load_image(path, shape)
-    trajectories = None
+    trajectories, prompts = None, None
     if (path.parent / "sample.json").exists() and path.stem.isdigit():
         saved = SampleResult.load(path.parent)
         index = int(path.stem)
         if path.name == f"{index:04d}.png" and index < saved.images.shape[0]:
             trajectories = [saved.trajectory(index)]
-    return Queries(images=image[None], names=[path.name], trajectories=trajectories)
+            if saved.prompts is not None:
+                prompts = [saved.prompts[index]]
+    if prompt is not None:
+        prompts = [prompt]
+    return Queries(
+        images=image[None], names=[path.name], trajectories=trajectories, prompts=prompts
+    )
 
 
 def model_data_config(model: Any) -> Any:

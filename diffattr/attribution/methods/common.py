@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffattr.attribution.base import Queries, Scores
+from diffattr.attribution.conditioning import condition, model_inputs
 from diffattr.attribution.featurize import (
     FeatureStore,
     FeaturizeArgs,
@@ -34,7 +35,7 @@ from diffattr.attribution.featurize import (
     per_step_features,
     split_halves,
 )
-from diffattr.attribution.gradients import select_params
+from diffattr.attribution.gradients import default_params, select_params
 from diffattr.attribution.onepass import StoreRequest
 from diffattr.attribution.projectors import PROJECTOR_KINDS, ProjectorConfig
 from diffattr.attribution.timesteps import TimestepPolicy, check_noise_policy
@@ -253,7 +254,7 @@ def make_featurize_args(
         aggregate=aggregate_how,
         normalize=normalize,
         projector=ProjectorConfig(kind=opts.projector, dim=opts.proj_dim, seed=opts.proj_seed),
-        params=opts.params,
+        params=opts.params if opts.params is not None else default_params(model),
         batch_size=opts.batch_size,
         seed=opts.seed,
         label=feature_label(output, normalize),
@@ -284,15 +285,10 @@ def content_ids(images: Tensor) -> Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def labels_for(model: Any, labels: Tensor | None, n: int, what: str) -> Tensor | None:
-    """Class labels to pass to the model (None for an unconditional one)."""
-    if getattr(model, "num_classes", None) is None:
-        return None
-    if labels is None:
-        raise ValueError(f"{what}: the model is class-conditional; the images need labels")
-    if labels.shape != (n,):
-        raise ValueError(f"{what}: labels must have shape ({n},), got {tuple(labels.shape)}")
-    return labels.to(torch.int64)
+def query_condition(model: Any, queries: Queries) -> Tensor | None:
+    """The queries' conditioning for ``model``: class labels, prompt token ids or None
+    (:func:`~diffattr.attribution.conditioning.condition`)."""
+    return condition(model, queries.labels, queries.prompts, len(queries), "queries")
 
 
 def kernel_device(model: Any) -> torch.device:
@@ -379,7 +375,9 @@ def featurize_images(
     how: str,
     progress: bool = False,
 ) -> QueryFeatures:
-    """In-memory features of ``images`` ``(m, C, H, W)`` or ``(m, S, C, H, W)``.
+    """In-memory features of ``images`` ``(m, C, H, W)`` (pixels: a latent model's are encoded) or
+    ``(m, S, C, H, W)`` (one input per step, already in the model's input space: Journey-TRAK);
+    ``labels``: their conditioning (class labels ``(m,)``, token ids ``(m, L)``) or None.
 
     ``full``: ``(m, k)`` (``how="mean"``) or ``(m, S, k)`` (``"per-step"``), float32 on CPU, plus
     the two halves (:func:`~diffattr.attribution.featurize.split_halves`). Each image is
@@ -390,6 +388,8 @@ def featurize_images(
     full, half_a, half_b = [], [], []
     for j in tqdm(range(images.shape[0]), desc="query features", disable=not progress, leave=False):
         x = images[j : j + 1].to(model.device)
+        if x.ndim == 4:  # an image (not a trajectory): in the model's input space
+            x = model_inputs(model, x)
         y = None if labels is None else labels[j : j + 1].to(model.device)
         f = per_step_features(model, x, ids[j : j + 1], timesteps, args, y, keep_draws=True)
         f = f.detach().to("cpu", torch.float32)
@@ -522,7 +522,7 @@ class FeatureAttributor(GradientAttributor):
         q = featurize_images(
             self.model,
             queries.images,
-            labels_for(self.model, queries.labels, len(queries), "queries"),
+            query_condition(self.model, queries),
             args.timesteps.timesteps(),
             args,
             "mean",

@@ -50,8 +50,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from diffattr.attribution.conditioning import data_condition, dataset_inputs, prediction_target
 from diffattr.attribution.featurize import FeaturizeArgs, row_noise
-from diffattr.attribution.methods.common import labels_for, store_folder, store_rows
+from diffattr.attribution.methods.common import store_folder, store_rows
 from diffattr.attribution.methods.trak import TrakKernelAttributor, TrakOptions
 from diffattr.attribution.onepass import StoreRequest, featurize_many
 from diffattr.attribution.outputs import OUTPUTS
@@ -95,8 +96,9 @@ def residual_errors(
     them from the featurization pass instead (one forward for both); this loop is the reference
     (tests, ``scripts/stability.py``).
     """
-    shape = tuple(data.images.shape[1:])
-    labels_all = labels_for(model, data.labels, len(data), "training set")
+    inputs = dataset_inputs(model, data)  # a latent model's VAE latents
+    shape = tuple(inputs.shape[1:])
+    labels_all = data_condition(model, data, slice(None))
     S, D = len(timesteps), args.num_noise
     rows = [(j, s, d) for j in range(len(data)) for s in range(S) for d in range(D)]
     out = torch.zeros(len(data), S, D, dtype=torch.float64)
@@ -107,10 +109,12 @@ def residual_errors(
         di = torch.tensor([d for _, _, d in chunk], dtype=torch.int64)
         tt = torch.tensor([timesteps[s] for _, s, _ in chunk], dtype=torch.int64)
         noise = row_noise(data.ids[idx], tt, di, shape, args.seed, args.noise).to(model.device)
-        x0 = data.images[idx].to(model.device)
-        x_t = model.scheduler.add_noise(x0, noise, tt.to(model.device))
+        x0 = inputs[idx].to(model.device)
+        t_dev = tt.to(model.device)
+        x_t = model.scheduler.add_noise(x0, noise, t_dev)
         y = None if labels_all is None else labels_all[idx].to(model.device)
-        err = (model.eps(x_t, tt.to(model.device), y).float() - noise).pow(2).flatten(1).mean(1)
+        target = prediction_target(model, x0, noise, t_dev)
+        err = (model.eps(x_t, t_dev, y).float() - target.float()).pow(2).flatten(1).mean(1)
         out[idx, si, di] = err.sqrt().to("cpu", torch.float64)
     return out
 

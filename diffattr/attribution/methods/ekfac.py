@@ -69,6 +69,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffattr.attribution.base import Queries
+from diffattr.attribution.conditioning import (
+    data_condition,
+    dataset_inputs,
+    model_inputs,
+    prediction_target,
+)
 from diffattr.attribution.curvature import (
     LayerCurvature,
     curvature_layers,
@@ -80,7 +86,7 @@ from diffattr.attribution.curvature import (
     sample_grads,
 )
 from diffattr.attribution.featurize import FeaturizeArgs, build_projector, row_noise
-from diffattr.attribution.gradients import scheduler_tables
+from diffattr.attribution.gradients import default_params, scheduler_tables
 from diffattr.attribution.methods.common import (
     FeatureAttributor,
     GradientOptions,
@@ -89,8 +95,8 @@ from diffattr.attribution.methods.common import (
     check_int,
     content_ids,
     kernel_device,
-    labels_for,
     make_featurize_args,
+    query_condition,
     short_hash,
 )
 from diffattr.attribution.outputs import OUTPUTS
@@ -271,14 +277,15 @@ def ggn_pass(
     :func:`kernel_device`."""
     T = int(model.scheduler.config.num_train_timesteps)
     dev, kdev = model.device, kernel_device(model)
-    labels = labels_for(model, train.labels, len(train), "training images")
+    labels = data_condition(model, train, slice(None))
+    inputs = dataset_inputs(model, train)  # a latent model's VAE latents
     order = torch.argsort(train.ids)
     sums: dict[str, list[Tensor]] = {}
     for s in range(0, len(order), batch_size):
         rows = order[s : s + batch_size]
         ids = [int(i) for i in train.ids[rows].tolist()]
-        t, noise, vecs = pass_draws(seed, ids, p, tuple(train.images.shape[1:]), T)
-        x0 = train.images[rows].to(dev)
+        t, noise, vecs = pass_draws(seed, ids, p, tuple(inputs.shape[1:]), T)
+        x0 = inputs[rows].to(dev)
         y = None if labels is None else labels[rows].to(dev)
         got = pseudo_grad_rows(model, layers, x0, t.to(dev), noise.to(x0), vecs.to(x0), y, space)
         for name, (cols, grads) in got.items():
@@ -393,11 +400,12 @@ def query_grad_sums(
         noise = row_noise(ids, t, d, tuple(image.shape), args.seed, args.noise).to(dev)
         x0 = image[None].expand(len(t), *image.shape).to(dev)
         noise = noise.to(x0.dtype)
-        y = None if label is None else label.reshape(1).expand(len(t)).to(dev)
+        y = None if label is None else label[None].expand(len(t), *label.shape).to(dev)
         t_dev = t.to(dev)
+        target = prediction_target(model, x0, noise, t_dev)
         with layers.capture() as calls, torch.enable_grad(), outputs_in_graph(layers):
             eps = model.eps(model.scheduler.add_noise(x0, noise, t_dev).detach(), t_dev, y)
-            total = out_fn(eps, noise, t_dev, ac.to(eps.dtype), betas.to(eps.dtype)).sum()
+            total = out_fn(eps, target, t_dev, ac.to(eps.dtype), betas.to(eps.dtype)).sum()
             if space is None:
                 rows = output_grads(layers, calls, total)
             else:
@@ -449,7 +457,8 @@ class EKFAC(FeatureAttributor):
 
     def __init__(self, model: Any, work_dir: Path | None, options: Any, progress: bool = False):
         super().__init__(model, work_dir, options, progress)
-        self.layers = curvature_layers(model.unet, options.params)
+        params = options.params if options.params is not None else default_params(model)
+        self.layers = curvature_layers(model.unet, params)
         self.curvature: dict[str, LayerCurvature] = {}
 
     def train_args(self) -> FeaturizeArgs:
@@ -559,8 +568,9 @@ class EKFAC(FeatureAttributor):
         validate_timesteps(
             args.timesteps.timesteps(), int(self.model.scheduler.config.num_train_timesteps)
         )
-        labels = labels_for(self.model, queries.labels, len(queries), "queries")
+        labels = query_condition(self.model, queries)
         ids = content_ids(queries.images)
+        inputs = model_inputs(self.model, queries.images)  # a latent model's VAE latents
         space = self.space()
         t0 = time.perf_counter()
         full, half_a, half_b = [], [], []
@@ -569,7 +579,7 @@ class EKFAC(FeatureAttributor):
                 range(len(queries)), desc=f"{self.name} queries", disable=not self.progress
             ):
                 y = None if labels is None else labels[j]
-                parts = self.one_query(space, queries.images[j], int(ids[j]), y, args)
+                parts = self.one_query(space, inputs[j], int(ids[j]), y, args)
                 full.append(parts[0])
                 if len(parts) == 3:
                     half_a.append(parts[1])

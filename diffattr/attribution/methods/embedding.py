@@ -36,11 +36,11 @@ import torch
 from torch import Tensor
 
 from diffattr.attribution.base import Queries, Scores
+from diffattr.attribution.conditioning import condition, model_inputs, pixel_shape
 from diffattr.attribution.featurize import merge_halves
 from diffattr.attribution.methods.common import (
     WorkDir,
     check_int,
-    labels_for,
     make_scores,
     short_hash,
 )
@@ -501,14 +501,15 @@ def unet_embedder(model: Any, opts: UNetFeatureOptions) -> Embedder:
         raise ValueError(f"timestep: {opts.timestep} is not in [0, {T}) (the model's schedule)")
     if getattr(model.unet, "mid_block", None) is None:
         raise ValueError("unet-features: the diffusion model's UNet has no mid block")
-    image_shape = tuple(model.image_shape)
+    image_shape = pixel_shape(model)
 
     def embed(images: Tensor, labels: Tensor | None) -> Tensor:
         if tuple(images.shape[1:]) != image_shape:
             raise ValueError(
                 f"unet-features: images are {tuple(images.shape[1:])}, the model takes {image_shape}"
             )
-        draws = unet_draws(model, images, labels, opts)
+        # A latent model's UNet sees the images' VAE latents.
+        draws = unet_draws(model, model_inputs(model, images), labels, opts)
         if opts.num_noise == 1:
             return draws[:, 0]
         return torch.stack([draws[:, 0::2].mean(dim=1), draws[:, 1::2].mean(dim=1)], dim=1)
@@ -555,8 +556,11 @@ class EmbeddingAttributor:
     def make_embedder(self) -> Embedder:
         raise NotImplementedError
 
-    def labels(self, labels: Tensor | None, n: int, what: str) -> Tensor | None:
-        """Class labels for the embedder (only the diffusion model's own features use them)."""
+    def labels(
+        self, labels: Tensor | None, texts: list[str] | None, n: int, what: str
+    ) -> Tensor | None:
+        """The conditioning for the embedder: class labels or text token ids (only the diffusion
+        model's own features use one)."""
         return None
 
     def samples(self) -> int:
@@ -586,7 +590,7 @@ class EmbeddingAttributor:
         if len(train) == 0:
             raise ValueError(f"{self.name}: empty training set")
         t0 = time.perf_counter()
-        labels = self.labels(train.labels, len(train), "training images")
+        labels = self.labels(train.labels, train.captions, len(train), "training images")
         shape = tuple(
             self.embedder.embed(train.images[:1], None if labels is None else labels[:1]).shape[1:]
         )
@@ -634,7 +638,7 @@ class EmbeddingAttributor:
             raise RuntimeError(f"{self.name}: call fit(train) before score(queries)")
         train = self.train
         t0 = time.perf_counter()
-        labels = self.labels(queries.labels, len(queries), "queries")
+        labels = self.labels(queries.labels, queries.prompts, len(queries), "queries")
         q = self.embed_all(queries.images, labels, 1)
         q_full, q_halves = self.split(q)
         t1 = time.perf_counter()
@@ -689,8 +693,10 @@ class UNetFeatureSimilarity(EmbeddingAttributor):
     def make_embedder(self) -> Embedder:
         return unet_embedder(self.model, self.options)
 
-    def labels(self, labels: Tensor | None, n: int, what: str) -> Tensor | None:
-        return labels_for(self.model, labels, n, what)
+    def labels(
+        self, labels: Tensor | None, texts: list[str] | None, n: int, what: str
+    ) -> Tensor | None:
+        return condition(self.model, labels, texts, n, what)
 
     def samples(self) -> int:
         return self.options.num_noise

@@ -41,6 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffattr.attribution.base import Queries, Scores, Trajectory
+from diffattr.attribution.conditioning import is_latent
 from diffattr.attribution.featurize import FeaturizeArgs, per_step_features, split_halves
 from diffattr.attribution.methods.common import (
     BaseGradOptions,
@@ -50,9 +51,9 @@ from diffattr.attribution.methods.common import (
     check_int,
     content_ids,
     kernel_device,
-    labels_for,
     make_featurize_args,
     make_scores,
+    query_condition,
     store_folder,
     train_features,
 )
@@ -201,7 +202,9 @@ class JourneyTrak(GradientAttributor):
         assert queries.trajectories is not None
         args = self.query_args(timesteps)
         ids = content_ids(queries.images)
-        labels = labels_for(self.model, queries.labels, len(queries), "queries")
+        labels = query_condition(self.model, queries)
+        # Latents are not bounded to [-1, 1] like pixels: clipping x0_hat applies to pixels only.
+        clip = self.options.clip_x0 and not is_latent(self.model)
         out, half_a, half_b = [], [], []
         trajs = enumerate(queries.trajectories)
         for j, traj in tqdm(
@@ -211,7 +214,7 @@ class JourneyTrak(GradientAttributor):
             disable=not self.progress,
             leave=False,
         ):
-            x0 = predicted_x0(self.model, traj, steps, self.options.clip_x0)[None]
+            x0 = predicted_x0(self.model, traj, steps, clip)[None]
             y = None if labels is None else labels[j : j + 1].to(self.model.device)
             f = (
                 per_step_features(

@@ -40,9 +40,9 @@ from diffattr.attribution.methods.common import (
     GradientOptions,
     Scorer,
     featurize_images,
-    labels_for,
     make_featurize_args,
     make_scores,
+    query_condition,
     store_folder,
     train_features,
     train_parts,
@@ -159,7 +159,7 @@ class TracIn(GradientAttributor):
         for c, lr in enumerate(self.options.rates()):
             model = self.checkpoint_model(c)
             t0 = time.perf_counter()
-            labels = labels_for(model, queries.labels, len(queries), "queries")
+            labels = query_condition(model, queries)
             q = featurize_images(
                 model,
                 queries.images,

@@ -52,12 +52,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffattr.attribution.base import Queries, Scores
+from diffattr.attribution.conditioning import (
+    data_condition,
+    dataset_inputs,
+    is_text_conditional,
+    model_inputs,
+    prediction_target,
+)
 from diffattr.attribution.gradients import per_sample_grads, select_params
 from diffattr.attribution.methods.common import (
     GradientAttributor,
     check_int,
-    labels_for,
     make_scores,
+    query_condition,
     short_hash,
 )
 from diffattr.attribution.outputs import loss_output
@@ -69,14 +76,20 @@ from diffattr.repro import derive_seed, to_jsonable
 
 log = logging.getLogger(__name__)
 
-#: Named parameter subsets (fnmatch patterns over ``unet.named_parameters()``); None = all.
+#: Named parameter subsets (fnmatch patterns over ``unet.named_parameters()``); None = all. With
+#: the groups every gradient method knows (``lora``, ``cross-attn-kv``: :data:`PARAM_GROUPS`).
 PARAM_PRESETS: dict[str, list[str] | None] = {
     "all": None,
     "attention": ["*attentions.*"],
     "up-blocks": ["up_blocks.*", "conv_norm_out.*", "conv_out.*"],
     "down-blocks": ["conv_in.*", "down_blocks.*"],
     "mid-block": ["mid_block.*"],
+    "lora": ["lora"],
+    "cross-attn-kv": ["cross-attn-kv"],
 }
+#: ``params="auto"``: the unconditional UNet has no cross-attention; a text-to-image model's is
+#: where the paper unlearns.
+AUTO_PARAMS = {"pixel": "up-blocks", "text": "cross-attn-kv"}
 
 
 def _check_float(value: Any, what: str, positive: bool) -> float:
@@ -113,7 +126,7 @@ class UnlearnOptions:
     0.42 / 0.31 (``damping`` 1e-3 and 0.1 within 0.01 of each other).
     """
 
-    params: str | list[str] = "up-blocks"
+    params: str | list[str] = "auto"
     alpha: float | None = None
     rise: float = 0.05
     steps: int = 1
@@ -131,7 +144,7 @@ class UnlearnOptions:
 
     def __post_init__(self) -> None:
         if isinstance(self.params, str):
-            if self.params not in PARAM_PRESETS:
+            if self.params not in PARAM_PRESETS and self.params != "auto":
                 raise ValueError(
                     f"params: {self.params!r} is not a preset ({', '.join(PARAM_PRESETS)}); "
                     "give a list of fnmatch patterns for other subsets"
@@ -167,8 +180,13 @@ class UnlearnOptions:
                 "query's gradient must include the scoring noises"
             )
 
-    def patterns(self) -> list[str] | None:
-        return PARAM_PRESETS[self.params] if isinstance(self.params, str) else list(self.params)
+    def patterns(self, model: Any) -> list[str] | None:
+        """The fnmatch patterns (or group names) of ``params`` for ``model`` (``auto``:
+        :data:`AUTO_PARAMS` by the model's kind)."""
+        params = self.params
+        if params == "auto":
+            params = AUTO_PARAMS["text" if is_text_conditional(model) else "pixel"]
+        return PARAM_PRESETS[params] if isinstance(params, str) else list(params)
 
     def grid(self, num_train_timesteps: int) -> list[int]:
         """The scoring timesteps: ``timesteps`` evenly spaced in ``[t_min, T)`` (all if fewer)."""
@@ -261,7 +279,7 @@ def _accumulate(
         noise = torch.stack([shared_noise(seed, t, d, tuple(image.shape)) for t, d in chunk])
         tt = torch.tensor([t for t, _ in chunk], dtype=torch.int64, device=dev)
         x0 = image[None].expand(len(chunk), *image.shape).contiguous().to(dev)
-        y = None if label is None else label.reshape(1).expand(len(chunk)).to(dev)
+        y = None if label is None else label[None].expand(len(chunk), *label.shape).to(dev)
         with torch.enable_grad():
             loss = diffusion_loss(model, x0, tt, noise.to(dev), y).sum() / len(samples)
             # Differentiate every parameter and keep the selected ones: asking autograd for a
@@ -276,16 +294,24 @@ def _accumulate(
     return value
 
 
-def fisher_pass(model: Any, train: ImageDataset, p: int, seed: int, batch_size: int) -> Tensor:
-    """Pass ``p`` of the Fisher: ``(P,)`` float64, the mean over the training images (in id
-    order, so the sum does not depend on the data set's order) of the squared per-sample loss
-    gradient of every UNet parameter (flattened in ``named_parameters`` order), one (timestep,
-    noise) per image drawn from ``(seed, id, p)``."""
+def fisher_pass(
+    model: Any,
+    train: ImageDataset,
+    p: int,
+    seed: int,
+    batch_size: int,
+    params: dict[str, torch.nn.Parameter],
+) -> Tensor:
+    """Pass ``p`` of the diagonal Fisher of ``params``: ``(P,)`` float64, the mean over the
+    training images (in id order, so the sum does not depend on the data set's order) of the
+    squared per-sample loss gradient of each parameter (flattened in ``params`` order), one
+    (timestep, noise) per image drawn from ``(seed, id, p)``. An entry's value does not depend on
+    which other parameters are selected."""
     T = int(model.scheduler.config.num_train_timesteps)
-    params = select_params(model.unet)
     order = torch.argsort(train.ids)
     total = torch.zeros(sum(q.numel() for q in params.values()), dtype=torch.float64)
-    labels = labels_for(model, train.labels, len(train), "fisher")
+    labels = data_condition(model, train, slice(None))
+    inputs = dataset_inputs(model, train)  # a latent model's VAE latents
     dev = model.device
     for s in range(0, len(order), batch_size):
         rows = order[s : s + batch_size]
@@ -293,15 +319,16 @@ def fisher_pass(model: Any, train: ImageDataset, p: int, seed: int, batch_size: 
         ts = [derive_seed(seed, "fisher-t", int(i), p) % T for i in ids]
         noise = torch.stack(
             [
-                noise_for(seed, int(i), t, p, tuple(train.images.shape[1:]), "per-sample")
+                noise_for(seed, int(i), t, p, tuple(inputs.shape[1:]), "per-sample")
                 for i, t in zip(ids, ts, strict=True)
             ]
         ).to(dev)
-        x0 = train.images[rows].to(dev)
+        x0 = inputs[rows].to(dev)
         tt = torch.tensor(ts, dtype=torch.int64, device=dev)
         x_t = model.scheduler.add_noise(x0, noise, tt)
         y = None if labels is None else labels[rows].to(dev)
-        grads = per_sample_grads(model, x_t, tt, noise, loss_output, params, y)
+        target = prediction_target(model, x0, noise, tt)
+        grads = per_sample_grads(model, x_t, tt, target, loss_output, params, y)
         sq = torch.cat(
             [g.reshape(g.shape[0], -1).to(torch.float64).pow(2) for g in grads.values()], 1
         )
@@ -342,6 +369,7 @@ class Unlearn(GradientAttributor):
         }
         if what == "fisher":
             ident["passes"] = o.fisher_passes
+            ident["params"] = short_hash(list(self.params))
         else:
             ident.update(samples=self._samples(), flip=o.flip)
         return ident
@@ -372,7 +400,7 @@ class Unlearn(GradientAttributor):
         return store.features.to(torch.float64)
 
     def check_options(self) -> None:
-        select_params(self.model.unet, self.options.patterns(), presets=PARAM_PRESETS)
+        select_params(self.model.unet, self.options.patterns(self.model), presets=PARAM_PRESETS)
 
     def fit(self, train: ImageDataset) -> None:
         """The Fisher and the original losses of ``train`` (from their stores when present)."""
@@ -382,8 +410,8 @@ class Unlearn(GradientAttributor):
 
     def _fit(self, train: ImageDataset) -> None:
         o = self.options
-        self.params = select_params(self.model.unet, o.patterns(), presets=PARAM_PRESETS)
-        sizes = {n: p.numel() for n, p in select_params(self.model.unet).items()}
+        self.params = select_params(self.model.unet, o.patterns(self.model), presets=PARAM_PRESETS)
+        sizes = {n: p.numel() for n, p in self.params.items()}
         t0 = time.perf_counter()
         P = sum(sizes.values())
         fisher_rows = self._cached(
@@ -393,14 +421,15 @@ class Unlearn(GradientAttributor):
             (P,),
             lambda sl: torch.stack(
                 [
-                    fisher_pass(self.model, train, p, o.seed, o.grad_batch_size).float()
+                    fisher_pass(
+                        self.model, train, p, o.seed, o.grad_batch_size, self.params
+                    ).float()
                     for p in range(sl.start, sl.stop)
                 ]
             ),
         )
         fisher = fisher_rows.to(torch.float64).mean(dim=0)
         offsets = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist(), strict=True))
-        # The Fisher rows cover every parameter (see query_gradient); keep the selected ones.
         selected = {n: fisher[offsets[n] : offsets[n] + sizes[n]] for n in self.params}
         sel = torch.cat(list(selected.values()))
         damp = o.damping * float(sel.mean())
@@ -417,10 +446,11 @@ class Unlearn(GradientAttributor):
         t0 = time.perf_counter()
         samples = self._samples()
         views = 2 if o.flip else 1
-        labels = labels_for(self.model, train.labels, len(train), "training images")
+        labels = data_condition(self.model, train, slice(None))
+        inputs = dataset_inputs(self.model, train)  # a latent model's VAE latents
 
         def original(sl: slice) -> Tensor:
-            imgs = train.images[sl]
+            imgs = inputs[sl]
             lab = None if labels is None else labels[sl]
             both = [
                 image_losses(self.model, v, lab, samples, o.seed, o.batch_size)
@@ -464,7 +494,8 @@ class Unlearn(GradientAttributor):
         """Per half: ``(n,)`` float64 scores of one query."""
         o = self.options
         samples = self._samples()
-        labels = labels_for(self.model, train.labels, len(train), "training images")
+        labels = data_condition(self.model, train, slice(None))
+        inputs = dataset_inputs(self.model, train)
         saved = {n: p.detach().clone() for n, p in self.params.items()}
         out = []
         for cols in self._halves():
@@ -474,7 +505,7 @@ class Unlearn(GradientAttributor):
                 query_samples = [(t, d) for t in timesteps for d in range(o.query_num_noise)]
                 self._unlearn(image, label, query_samples)
                 per_view = []
-                for v, imgs in enumerate(self._views(train.images)):
+                for v, imgs in enumerate(self._views(inputs)):
                     after = image_losses(self.model, imgs, labels, half, o.seed, o.batch_size)
                     before = self.base_losses[:, v, cols].to(torch.float64)
                     per_view.append((after - before).mean(dim=1))
@@ -487,7 +518,8 @@ class Unlearn(GradientAttributor):
 
     def score(self, queries: Queries) -> Scores:
         train = self.require_fit()
-        labels = labels_for(self.model, queries.labels, len(queries), "queries")
+        labels = query_condition(self.model, queries)
+        inputs = model_inputs(self.model, queries.images)  # a latent model's VAE latents
         t0 = time.perf_counter()
         per_query = []
         with eval_mode(self.model.unet):
@@ -495,7 +527,7 @@ class Unlearn(GradientAttributor):
                 range(len(queries)), desc="unlearn", disable=not self.progress, leave=False
             ):
                 y = None if labels is None else labels[j]
-                per_query.append(self._score_one(queries.images[j], y, train))
+                per_query.append(self._score_one(inputs[j], y, train))
         halves = [torch.stack([q[h] for q in per_query]) for h in range(len(per_query[0]))]
         values = torch.stack(halves).mean(dim=0)
         self.timing["score_s"] = time.perf_counter() - t0
