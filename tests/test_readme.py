@@ -278,7 +278,11 @@ def workspace(tmp_path_factory) -> dict[str, Any]:
         _png(work / "my_folder" / f"digit{i}.png", size, i + 1)
     write_cifar10_fixture(home / "data", n_per_batch=4)
     clip = tiny_clip_folder(tmp / "clip-vit-base-patch32")
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    # Run as a user's shell would, also when this test runs inside `make test`: the outer make's
+    # MAKEFLAGS / MAKELEVEL would make `make demo` a sub-make that prints "make[1]: Leaving
+    # directory" after the demo's own last lines.
+    inherited = ("VIRTUAL_ENV", "PYTHONPATH", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     env.update(
         PATH=f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
         HOME=str(home),
