@@ -54,7 +54,7 @@ from diffattr.attribution.store import (
     FeatureStore,
     StoreMismatchError,
     StoreSpec,
-    fill_stores,
+    fill_store,
 )
 from diffattr.attribution.timesteps import (
     TimestepPolicy,
@@ -667,16 +667,22 @@ def fill_feature_store(
     unit: str = "image",
     extra: dict[str, Any] | None = None,
 ) -> FeatureStore:
-    """:func:`~diffattr.attribution.store.fill_stores` of one store of gradient features made
-    with ``args`` and ``proj`` (:func:`feature_store_spec`)."""
+    """:func:`~diffattr.attribution.store.fill_store` of gradient features made with ``args``
+    and ``proj`` (their record: :func:`feature_store_spec`)."""
     spec = feature_store_spec(out, identity, feature_shape, args, proj, extra)
-    return fill_stores(
-        [spec],
+    return fill_store(
+        spec.out,
+        spec.identity,
         ids,
         shard_size,
-        lambda sl, which: [compute(sl)],
+        compute,
+        spec.feature_shape,
         progress=progress,
+        label=spec.label,
         accelerator=accelerator,
+        extra=spec.extra,
+        manifest_extra=spec.manifest_extra,
+        dtype=spec.dtype,
         on_shard=on_shard,
         unit=unit,
-    )[0]
+    )

@@ -63,9 +63,11 @@ from diffattr.diffusion.trainer import (
     NOT_IDENTITY,
     EpochOrder,
     TrainState,
+    check_accelerator,
     checkpoint_dirs,
     draw_micro_batch,
     fetch_batch,
+    finish_step,
     learning_rate_at,
     make_optimizer,
     open_out_dir,
@@ -153,17 +155,7 @@ def check_lora_inputs(
             want_h,
             want_w,
         )
-    if accelerator.gradient_accumulation_steps != cfg.train.gradient_accumulation_steps:
-        raise ConfigError(
-            f"train.gradient_accumulation_steps={cfg.train.gradient_accumulation_steps} but the "
-            f"accelerator was made with {accelerator.gradient_accumulation_steps}"
-        )
-    if cfg.train.batch_size % accelerator.num_processes:
-        log.warning(
-            "batch_size %d is not divisible by %d processes: shards differ in size",
-            cfg.train.batch_size,
-            accelerator.num_processes,
-        )
+    check_accelerator(cfg.train, accelerator)
 
 
 def _lora_params(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -396,20 +388,8 @@ def _train_loop(
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
-        state.loss_history.append((state.step, mean_loss))
-        bar.update(1)
-        if tc.log_every and state.step % tc.log_every == 0:
-            log.info(
-                "step %d/%d loss %.5f lr %.2e",
-                state.step,
-                tc.steps,
-                recent_mean(state.loss_history, tc.log_every),
-                learning_rate_at(view, state.step - 1),
-            )
-        at_checkpoint = tc.checkpoint_every and state.step % tc.checkpoint_every == 0
-        if at_checkpoint or (state.step == target and target < tc.steps):
+        lr = learning_rate_at(view, state.step)
+        if finish_step(state, step_loss, accelerator, bar, tc, lr, target):
             _checkpoint(out_dir, accelerator, wrapped, optimizer, state, keep_checkpoints)
     bar.close()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,35 +260,20 @@ def sample(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     shape = model.image_shape
-    if initial_noise is None:
-        x = initial_noise_for(seed, n, shape)
-    else:
-        x = initial_noise.detach().to("cpu", torch.float32).clone()
-        if tuple(x.shape) != (n, *shape):
-            raise ValueError(f"initial_noise: expected shape {(n, *shape)}, got {tuple(x.shape)}")
+    x = starting_noise(seed, n, shape, initial_noise)
     labels = _labels_for(model, n, class_labels)
     sched = make_scheduler(model, sampler)
     sched.set_timesteps(num_inference_steps)
-    timesteps = sched.timesteps.to(torch.int64).cpu()
-    steps = len(timesteps)
-    kept = steps if record_trajectory else 0
-    xt = torch.empty((kept, n, *shape))
-    eps = torch.empty((kept, n, *shape))
     device = model.device
-    with eval_mode(model.unet):
-        for s, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc=sampler)):
-            x_next = torch.empty_like(x)
-            for lo in range(0, n, batch_size):
-                ids = range(lo, min(n, lo + batch_size))
-                xb = x[lo : ids.stop].to(device)
-                lb = None if labels is None else labels[lo : ids.stop].to(device)
-                tb = torch.full((len(ids),), t, dtype=torch.int64, device=device)
-                e = model.eps(xb, tb, lb).float()
-                if record_trajectory:
-                    xt[s, lo : ids.stop] = xb.cpu()
-                    eps[s, lo : ids.stop] = e.cpu()
-                x_next[lo : ids.stop] = _step(sched, sampler, e, t, xb, eta, seed, ids, s).cpu()
-            x = x_next
+
+    def predict(xb: torch.Tensor, tb: torch.Tensor, rows: range) -> tuple[torch.Tensor, ...]:
+        lb = None if labels is None else labels[rows.start : rows.stop].to(device)
+        e = model.eps(xb, tb, lb).float()
+        return e, e
+
+    x, timesteps, xt, eps = denoise(
+        model, sched, sampler, x, predict, seed, eta, batch_size, record_trajectory, progress
+    )
     return SampleResult(
         images=x.clamp(-1.0, 1.0),
         timesteps=timesteps,
@@ -300,6 +286,60 @@ def sample(
         model_hash=model.model_hash(),
         class_labels=labels,
     )
+
+
+def starting_noise(
+    seed: int, n: int, shape: tuple[int, int, int], initial_noise: torch.Tensor | None
+) -> torch.Tensor:
+    """The ``(n, *shape)`` float32 CPU noise a sampler starts from: ``initial_noise`` (checked)
+    when given, else drawn from ``seed``."""
+    if initial_noise is None:
+        return initial_noise_for(seed, n, shape)
+    x = initial_noise.detach().to("cpu", torch.float32).clone()
+    if tuple(x.shape) != (n, *shape):
+        raise ValueError(f"initial_noise: expected shape {(n, *shape)}, got {tuple(x.shape)}")
+    return x
+
+
+def denoise(
+    model: Any,
+    sched: Any,
+    sampler: str,
+    x: torch.Tensor,
+    predict: Callable[[torch.Tensor, torch.Tensor, range], tuple[torch.Tensor, ...]],
+    seed: int,
+    eta: float,
+    batch_size: int,
+    record_trajectory: bool,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampling loop shared by every model kind: ``x`` ``(n, ...)`` (the initial noise, on
+    the CPU) stepped through ``sched``'s timesteps in batches of ``batch_size`` rows.
+
+    ``predict(x_batch, t_batch, rows)`` returns the prediction the scheduler steps with and the
+    predicted noise to record for the trajectory (the same tensor for an epsilon model without
+    guidance). Returns the final ``x``, the timesteps ``(S,)`` and the trajectory ``xt`` / ``eps``
+    ``(S, n, ...)`` (empty ``(0, n, ...)`` without ``record_trajectory``)."""
+    timesteps = sched.timesteps.to(torch.int64).cpu()
+    n, shape = x.shape[0], tuple(x.shape[1:])
+    kept = len(timesteps) if record_trajectory else 0
+    xt = torch.empty((kept, n, *shape))
+    eps = torch.empty((kept, n, *shape))
+    device = model.device
+    with eval_mode(model.unet):
+        for s, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc=sampler)):
+            x_next = torch.empty_like(x)
+            for lo in range(0, n, batch_size):
+                ids = range(lo, min(n, lo + batch_size))
+                xb = x[lo : ids.stop].to(device)
+                tb = torch.full((len(ids),), t, dtype=torch.int64, device=device)
+                e, recorded = predict(xb, tb, ids)
+                if record_trajectory:
+                    xt[s, lo : ids.stop] = xb.cpu()
+                    eps[s, lo : ids.stop] = recorded.float().cpu()
+                x_next[lo : ids.stop] = _step(sched, sampler, e, t, xb, eta, seed, ids, s).cpu()
+            x = x_next
+    return x, timesteps, xt, eps
 
 
 def _step(sched, sampler: str, e, t: int, xb, eta: float, seed: int, ids: range, s: int):

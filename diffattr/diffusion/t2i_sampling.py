@@ -19,10 +19,9 @@ from __future__ import annotations
 from typing import Any, cast
 
 import torch
-from tqdm.auto import tqdm
 
 from diffattr.diffusion.model import eval_mode
-from diffattr.diffusion.sampling import SampleResult, _step, initial_noise_for, make_scheduler
+from diffattr.diffusion.sampling import SampleResult, denoise, make_scheduler, starting_noise
 from diffattr.diffusion.text2image import TextToImageModel
 from diffattr.errors import OptionError
 
@@ -89,46 +88,31 @@ def sample_text_to_image(
     g = float(guidance_scale)
     n = len(prompts)
     shape = model.image_shape
-    if initial_noise is None:
-        x = initial_noise_for(seed, n, shape)
-    else:
-        x = initial_noise.detach().to("cpu", torch.float32).clone()
-        if tuple(x.shape) != (n, *shape):
-            raise ValueError(f"initial_noise: expected shape {(n, *shape)}, got {tuple(x.shape)}")
+    x = starting_noise(seed, n, shape, initial_noise)
     sched = make_scheduler(cast(Any, model), sampler)
     sched.set_timesteps(num_inference_steps)
-    timesteps = sched.timesteps.to(torch.int64).cpu()
-    steps = len(timesteps)
-    kept = steps if record_trajectory else 0
-    xt = torch.empty((kept, n, *shape))
-    eps = torch.empty((kept, n, *shape))
-    device = model.device
     guided = g > 1.0  # as StableDiffusionPipeline.do_classifier_free_guidance
     emb, rows = prompt_embeddings(model, prompts)
     uncond = prompt_embeddings(model, [negative_prompt])[0] if guided else None
-    with eval_mode(model.unet):
-        for s, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc=sampler)):
-            x_next = torch.empty_like(x)
-            for lo in range(0, n, batch_size):
-                ids = range(lo, min(n, lo + batch_size))
-                xb = x[lo : ids.stop].to(device)
-                tb = torch.full((len(ids),), t, dtype=torch.int64, device=device)
-                cb = emb[rows[lo : ids.stop].to(emb.device)]
-                if uncond is not None:
-                    both = model.eps(
-                        torch.cat([xb, xb]),
-                        torch.cat([tb, tb]),
-                        torch.cat([uncond.expand(len(ids), -1, -1), cb]),
-                    ).float()
-                    e_uncond, e_cond = both.chunk(2)
-                    e = e_uncond + g * (e_cond - e_uncond)
-                else:
-                    e = model.eps(xb, tb, cb).float()
-                if record_trajectory:
-                    xt[s, lo : ids.stop] = xb.cpu()
-                    eps[s, lo : ids.stop] = model.predicted_noise(e, xb, tb).float().cpu()
-                x_next[lo : ids.stop] = _step(sched, sampler, e, t, xb, eta, seed, ids, s).cpu()
-            x = x_next
+
+    def predict(xb: torch.Tensor, tb: torch.Tensor, ids: range) -> tuple[torch.Tensor, ...]:
+        cb = emb[rows[ids.start : ids.stop].to(emb.device)]
+        if uncond is not None:
+            both = model.eps(
+                torch.cat([xb, xb]),
+                torch.cat([tb, tb]),
+                torch.cat([uncond.expand(len(ids), -1, -1), cb]),
+            ).float()
+            e_uncond, e_cond = both.chunk(2)
+            e = e_uncond + g * (e_cond - e_uncond)
+        else:
+            e = model.eps(xb, tb, cb).float()
+        # The trajectory keeps the predicted noise (a v-prediction model's, converted).
+        return e, model.predicted_noise(e, xb, tb)
+
+    x, timesteps, xt, eps = denoise(
+        model, sched, sampler, x, predict, seed, eta, batch_size, record_trajectory, progress
+    )
     images = model.decode_latents(x, batch_size=batch_size)
     return SampleResult(
         images=images,

@@ -364,15 +364,21 @@ def check_inputs(cfg: ExperimentConfig, train_set: ImageDataset, accelerator: An
         raise DataError(f"{train_set.name}: a class-conditional model needs labels")
     if len(train_set) == 0:
         raise DataError(f"{train_set.name}: no training images")
-    if accelerator.gradient_accumulation_steps != cfg.train.gradient_accumulation_steps:
+    check_accelerator(cfg.train, accelerator)
+
+
+def check_accelerator(train: Any, accelerator: Any) -> None:
+    """Refuse an accelerator made for another gradient accumulation than the config's ``train``
+    section; warn when the batch does not split evenly between the processes."""
+    if accelerator.gradient_accumulation_steps != train.gradient_accumulation_steps:
         raise ConfigError(
-            f"train.gradient_accumulation_steps={cfg.train.gradient_accumulation_steps} but the "
+            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} but the "
             f"accelerator was made with {accelerator.gradient_accumulation_steps}"
         )
-    if cfg.train.batch_size % accelerator.num_processes:
+    if train.batch_size % accelerator.num_processes:
         log.warning(
             "batch_size %d is not divisible by %d processes: shards differ in size",
-            cfg.train.batch_size,
+            train.batch_size,
             accelerator.num_processes,
         )
 
@@ -596,25 +602,41 @@ def _train_loop(
             accelerator.clip_grad_norm_(wrapped.parameters(), tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        state.step += 1
         if ema is not None:
-            ema.update(accelerator.unwrap_model(wrapped), state.step - 1)
-        mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
-        state.loss_history.append((state.step, mean_loss))
-        bar.update(1)
-        if tc.log_every and state.step % tc.log_every == 0:
-            log.info(
-                "step %d/%d loss %.5f lr %.2e",
-                state.step,
-                tc.steps,
-                recent_mean(state.loss_history, tc.log_every),
-                learning_rate_at(cfg, state.step - 1),
-            )
-        at_checkpoint = tc.checkpoint_every and state.step % tc.checkpoint_every == 0
-        if at_checkpoint or (state.step == target and target < tc.steps):
+            ema.update(accelerator.unwrap_model(wrapped), state.step)
+        lr = learning_rate_at(cfg, state.step)
+        if finish_step(state, step_loss, accelerator, bar, tc, lr, target):
             keep = None if keep_checkpoints else 2
             _checkpoint(out_dir, accelerator, wrapped, ema, optimizer, state, keep)
     bar.close()
+
+
+def finish_step(
+    state: TrainState,
+    step_loss: torch.Tensor,
+    accelerator: Any,
+    bar: Any,
+    tc: Any,
+    lr: float,
+    target: int,
+) -> bool:
+    """After an optimizer step: count it, record its loss (the mean over processes), advance the
+    progress bar, log every ``tc.log_every`` steps (``lr``: the step's learning rate); True when
+    a checkpoint is due (every ``tc.checkpoint_every`` steps, or at a ``stop_after`` target)."""
+    state.step += 1
+    mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
+    state.loss_history.append((state.step, mean_loss))
+    bar.update(1)
+    if tc.log_every and state.step % tc.log_every == 0:
+        log.info(
+            "step %d/%d loss %.5f lr %.2e",
+            state.step,
+            tc.steps,
+            recent_mean(state.loss_history, tc.log_every),
+            lr,
+        )
+    at_checkpoint = tc.checkpoint_every and state.step % tc.checkpoint_every == 0
+    return bool(at_checkpoint or (state.step == target and target < tc.steps))
 
 
 def _checkpoint(
