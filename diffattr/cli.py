@@ -137,6 +137,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.train.steps = args.steps
     if args.data_root is not None:
         cfg.data.root = args.data_root
+    if args.base_model is not None:
+        if not isinstance(cfg, LoraExperimentConfig):
+            raise SystemExit(f"error: --base-model: {args.config} trains a pixel-space DDPM")
+        cfg.base_model = args.base_model
     train_set = load_dataset(cfg.data)
     log.info(
         "training on %s: %d images of shape %s",
@@ -565,6 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--steps", type=positive_int, default=None, help="override train.steps")
     p.add_argument("--data-root", default=None, help="override data.root")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        metavar="PATH",
+        help="override base_model (a LoRA config: the local Stable Diffusion folder)",
+    )
     p.add_argument(
         "--keep-checkpoints",
         action="store_true",

@@ -13,3 +13,7 @@ class UserError(Exception):
 
 class OptionError(UserError, ValueError):
     """An unknown name (method, data set, output function) or an invalid option value."""
+
+
+class ConditioningError(UserError, ValueError):
+    """Images without the conditioning their model needs (prompts, captions, class labels)."""

@@ -299,6 +299,117 @@ def _run_store(spec: dict[str, Any]) -> dict[str, Any]:
 
 FAMILY = ("trak", "d-trak", "das", "grad-dot", "grad-cos", "diff-retrac")
 
+# Stable Diffusion 1.5's published UNet configuration (runwayml/stable-diffusion-v1-5, unet/
+# config.json), at 32x32 latents (256 px images, D-TRAK's ArtBench setting); random weights.
+SD15_UNET: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+TEXT_TOKENS = 77  # CLIP's prompt length
+
+
+class _LoraUNet:
+    """SD 1.5's UNet with a LoRA (rank ``rank`` on the attention projections, trained-like:
+    both factors random) and random text embeddings standing in for the prompts: what the
+    featurizer and a LoRA training step see (``eps`` takes the embeddings directly)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import torch
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        from diffattr.diffusion.lora import add_lora
+
+        torch.manual_seed(0)
+        kwargs = dict(SD15_UNET)
+        if spec.get("small"):  # --quick: the same layout, a few channels
+            kwargs.update(block_out_channels=[32, 64, 64, 64], cross_attention_dim=32)
+        self.unet = UNet2DConditionModel(**kwargs).to(spec["device"]).eval()
+        add_lora(self.unet, spec["rank"], init="random", seed=0)
+        self.scheduler = DDPMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+        )
+        self.image_shape = (4, kwargs["sample_size"], kwargs["sample_size"])
+        g = torch.Generator().manual_seed(1)
+        n = spec["n"]
+        self.x0 = torch.randn(n, *self.image_shape, generator=g).to(spec["device"])
+        self.cond = torch.randn(n, TEXT_TOKENS, kwargs["cross_attention_dim"], generator=g).to(
+            spec["device"]
+        )
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    def eps(self, x_t, t, cond):
+        return self.unet(x_t, t, encoder_hidden_states=cond).sample
+
+
+def _run_t2i(spec: dict[str, Any]) -> dict[str, Any]:
+    """One LoRA training step per image (``part="train"``) or LoRA-only Kronecker featurization
+    (``part="featurize"``) of SD 1.5's UNet: seconds per image (per (image, timestep))."""
+    import torch
+
+    from diffattr.attribution.featurize import FeaturizeArgs, build_projector, per_step_features
+    from diffattr.attribution.projectors import ProjectorConfig
+
+    mem = _Mem(spec["device"])
+    mem.start()
+    m = _LoraUNet(spec)
+    n = spec["n"]
+    if spec["part"] == "train":
+        params = [p for p in m.unet.parameters() if p.requires_grad]
+        g = torch.Generator().manual_seed(2)
+        t = torch.randint(0, 1000, (n,), generator=g).to(m.device)
+        noise = torch.randn(m.x0.shape, generator=g).to(m.device)
+
+        def step() -> None:
+            for p in params:
+                p.grad = None
+            x_t = m.scheduler.add_noise(m.x0, noise, t)
+            loss = (m.eps(x_t, t, m.cond) - noise).pow(2).mean()
+            loss.backward()
+
+        step()
+        _sync(spec["device"])
+        t0 = time.perf_counter()
+        step()
+        _sync(spec["device"])
+        return {"seconds": (time.perf_counter() - t0) / n, "peak_mib": mem.stop()}
+    args = FeaturizeArgs(
+        output="square",
+        projector=ProjectorConfig(kind="kronecker", dim=spec["k"]),
+        params=["lora"],
+        batch_size=spec["batch_size"],
+    )
+    timesteps = [(i * 1000) // spec["steps"] for i in range(spec["steps"])]
+    ids = torch.arange(n)
+    proj, _ = build_projector(m, args)
+    per_step_features(m, m.x0[:1], ids[:1], timesteps[:1], args, m.cond[:1])  # warm-up
+    _sync(spec["device"])
+    t0 = time.perf_counter()
+    per_step_features(m, m.x0, ids, timesteps, args, m.cond)
+    _sync(spec["device"])
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds / (n * spec["steps"]), "peak_mib": mem.stop(), "k": proj.dim}
+
 
 def _run_methods(spec: dict[str, Any]) -> dict[str, Any]:
     """Fit ``spec["methods"]`` on ``n`` images from scratch in one work folder: their gradient
@@ -336,6 +447,7 @@ def _run_methods(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 RUNNERS = {
+    "t2i": _run_t2i,
     "methods": _run_methods,
     "train": _run_train,
     "diffattr": _run_diffattr,
@@ -409,6 +521,13 @@ def main() -> int:
         help="instead: fit the TRAK family (trak, d-trak, das, grad-dot, grad-cos, diff-retrac) "
         "at a common budget, each method alone and all together in one pass (first of --dims)",
     )
+    ap.add_argument(
+        "--t2i",
+        action="store_true",
+        help="instead: Stable Diffusion 1.5's UNet (random weights, 32x32 latents) with a LoRA "
+        "(--rank): LoRA-only Kronecker featurization against one LoRA training step",
+    )
+    ap.add_argument("--rank", type=int, default=128, help="--t2i: LoRA rank")
     ap.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.run_one:
@@ -422,6 +541,8 @@ def main() -> int:
         return memory_table(a, device)
     if a.family:
         return family_table(a, device)
+    if a.t2i:
+        return t2i_table(a, device)
     models = ["tiny"] if a.quick else a.models.split(",")
     dims = [64, 128] if a.quick else [int(d) for d in a.dims.split(",")]
     n, steps = (4, 2) if a.quick else (a.n, a.steps)
@@ -500,6 +621,40 @@ def memory_table(a: argparse.Namespace, device: str) -> int:
         print(f"{n:>7} {r['seconds']:9.1f} {r['peak_mib']:9.1f} {r['disk_mib']:10.2f}")
         sys.stdout.flush()
     print("peak MiB: growth of peak memory while featurizing; store MiB: the store on disk.")
+    return 0
+
+
+def t2i_table(a: argparse.Namespace, device: str) -> int:
+    """The text-to-image row: seconds per (image, timestep) of LoRA-only featurization over
+    seconds per image of one LoRA training step, and peak memory, each in a fresh process."""
+    # The Kronecker projection needs k >= its number of layers (256 LoRA matrices in SD 1.5).
+    k = 512 if a.quick else int(a.dims.split(",")[0])
+    n, steps = (2, 2) if a.quick else (a.n, a.steps)
+    spec = {"n": n, "steps": steps, "batch_size": a.batch_size, "device": device, "k": k}
+    spec.update(rank=4 if a.quick else a.rank, small=a.quick, impl="t2i")
+    print(
+        f"device {device}; SD 1.5 UNet{' (quick: 32-64 channels)' if a.quick else ''}, 32x32 "
+        f"latents, LoRA rank {spec['rank']} on to_q/to_k/to_v/to_out.0; {n} images x {steps} "
+        f"timesteps; Kronecker k={k}; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    )
+    train = _child(sys.executable, {**spec, "part": "train"}, a.timeout)
+    feat = _child(sys.executable, {**spec, "part": "featurize"}, a.timeout)
+    head = f"{'what':44} {'s':>9} {'x train step':>12} {'peak MiB':>9}"
+    print(head)
+    print("-" * len(head))
+    for label, r in (
+        ("LoRA training step (1 image)", train),
+        ("LoRA-only featurization (1 image, 1 t)", feat),
+    ):
+        if "error" in r:
+            print(f"{label:44} not available: {r['error']}")
+            continue
+        rel = r["seconds"] / train["seconds"] if "seconds" in train else float("nan")
+        print(f"{label:44} {r['seconds']:9.3f} {rel:12.2f} {r['peak_mib']:9.0f}")
+    print(
+        "s: seconds per image (training step, batch of all images) or per (image, timestep) "
+        "(featurization, output 'square', LoRA parameters only)."
+    )
     return 0
 
 

@@ -45,7 +45,7 @@ import yaml
 from PIL import Image
 
 from diffattr.data.fixtures import write_cifar10_fixture
-from diffattr.testing import tiny_clip_folder
+from diffattr.testing import tiny_clip_folder, tiny_t2i_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -103,7 +103,24 @@ TINY_EVAL = {
     "lds": {"bootstrap": 50, "seed": 0, "level": 0.95},
     "workers": 1,
 }
-STAND_INS = {"/path/to/clip-vit-base-patch32": "{clip}"}
+STAND_INS = {
+    "/path/to/clip-vit-base-patch32": "{clip}",
+    "/path/to/stable-diffusion-v1-5": "{sd}",  # a tiny StableDiffusionPipeline folder
+}
+STYLES = ("post_impressionism", "ukiyo_e")  # ~/artbench-256/{train,test}/<style>/ stand-ins
+
+
+def tiny_lora_config() -> dict[str, Any]:
+    """configs/t2i-lora-example.yaml at the tiny pipeline's 16 px, 2 steps, rank 2, fp32."""
+    cfg = yaml.safe_load((ROOT / "configs" / "t2i-lora-example.yaml").read_text())
+    cfg["lora"]["rank"] = 2
+    for key in ("limit", "selection", "selection_seed"):
+        cfg["data"].pop(key, None)
+    cfg["data"]["size"] = 16
+    cfg["train"].update(
+        epochs=None, steps=2, batch_size=4, mixed_precision="no", checkpoint_every=2, log_every=1
+    )
+    return cfg
 
 
 # --------------------------------------------------------------------------- README parsing
@@ -226,6 +243,8 @@ def promises(argv: list[str]) -> tuple[list[str], list[str]]:
         return [], ['"n"', "data_hash"]
     if sub[:2] == ["data", "export"]:
         return [f"{out}/**/*.png"], []
+    if sub[0] == "train" and "t2i-lora" in (_after(sub, "--config") or ""):
+        return [f"{out}/pytorch_lora_weights.safetensors", f"{out}/diffattr.json"], []
     if sub[0] == "train":
         return [f"{out}/model_index.json", f"{out}/diffattr.json", f"{out}/unet"], []
     if sub[0] == "generate":
@@ -278,6 +297,14 @@ def workspace(tmp_path_factory) -> dict[str, Any]:
         _png(work / "my_folder" / f"digit{i}.png", size, i + 1)
     write_cifar10_fixture(home / "data", n_per_batch=4)
     clip = tiny_clip_folder(tmp / "clip-vit-base-patch32")
+    sd = tiny_t2i_folder(tmp / "stable-diffusion-v1-5")
+    (work / "configs" / "t2i-lora-example.yaml").write_text(yaml.safe_dump(tiny_lora_config()))
+    rng = np.random.default_rng(7)
+    for split, style in ((sp, st) for sp in ("train", "test") for st in STYLES):
+        for i in range(3 if split == "train" else 1):
+            path = home / "artbench-256" / split / style / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
     # Run as a user's shell would, also when this test runs inside `make test`: the outer make's
     # MAKEFLAGS / MAKELEVEL would make `make demo` a sub-make that prints "make[1]: Leaving
     # directory" after the demo's own last lines.
@@ -292,7 +319,7 @@ def workspace(tmp_path_factory) -> dict[str, Any]:
         TRANSFORMERS_OFFLINE="1",
         MPLBACKEND="Agg",
     )
-    return {"work": work, "home": home, "clip": clip, "env": env}
+    return {"work": work, "home": home, "clip": clip, "sd": sd, "env": env}
 
 
 def as_run(cmd: Command, ws: dict) -> str:

@@ -53,6 +53,14 @@ def test_bench_featurize_family_table():
     assert float(rows["together (one pass)"][0]) > 0
 
 
+def test_bench_featurize_text_to_image_row():
+    lines = _run("scripts/bench_featurize.py", "--quick", "--t2i")
+    rows = {ln[:44].strip(): ln[44:].split() for ln in lines if ln.startswith("LoRA")}
+    assert set(rows) == {"LoRA training step (1 image)", "LoRA-only featurization (1 image, 1 t)"}
+    assert rows["LoRA training step (1 image)"][1] == "1.00"  # the ratio's reference
+    assert float(rows["LoRA-only featurization (1 image, 1 t)"][0]) > 0
+
+
 def test_bench_retrain_runs_one_by_one_and_stacked():
     lines = _run(
         "scripts/bench_retrain.py",

@@ -1,16 +1,18 @@
-"""What a model takes: its input space and its conditioning, for any model kind.
+"""What a model takes, asked of the model: its inputs for some images and their conditioning.
 
-Three kinds of model reach the attribution code, told apart by what they offer (duck typing, so
-the attribution layer imports no model class):
+Attribution code never branches on the kind of model. Every model answers three questions (the
+diffusion layer implements them: :class:`~diffattr.diffusion.model.DiffusionModel` for
+pixel-space DDPMs, :class:`~diffattr.diffusion.text2image.TextToImageModel` for text-to-image
+latent models):
 
-- an unconditional pixel-space DDPM: images are its inputs, nothing conditions it;
-- a class-conditional one (``num_classes`` set): class labels ``(n,)`` int64 condition it;
-- a text-to-image latent model (``conditional`` true, ``tokenize`` / ``encode_images``): its
-  inputs are VAE latents of the images (D-TRAK's ``latent_dist.mode() * scaling_factor``) and
-  the token ids ``(n, L)`` of each image's caption (training) or prompt (query) condition it.
+- ``model.inputs(images)``: the UNet's inputs for images in pixel space (the images themselves,
+  or their VAE latents as D-TRAK computes them);
+- ``model.condition(labels, texts, n, what)``: the conditioning of ``n`` images (class labels of
+  a class-conditional model, the token ids of their captions or prompts, or None);
+- ``model.target(x0, noise, t)``: what it is trained to predict (the noise, or the velocity).
 
-Attribution always runs in the model's input space; the images users give (training sets,
-queries) stay in pixel space and are encoded here, once per data set and model.
+This module adds what attribution needs on top: data sets encoded once, the conditioning of rows
+of a data set or of queries, the pixel shape users' images must have.
 """
 
 from __future__ import annotations
@@ -22,29 +24,24 @@ import torch
 from torch import Tensor
 
 from diffattr.data.dataset import ImageDataset
-from diffattr.errors import UserError
+from diffattr.errors import ConditioningError
 
-ENCODE_BATCH = 32  # images per VAE call (values do not depend on it)
+__all__ = [
+    "ConditioningError",
+    "condition",
+    "data_condition",
+    "dataset_inputs",
+    "model_inputs",
+    "pixel_shape",
+    "prediction_target",
+]
+
 _CACHE = "_model_inputs"  # attribute of a data set holding its encodings
 
 
-class ConditioningError(UserError, ValueError):
-    """Images without the conditioning their model needs (prompts, captions, class labels)."""
-
-
-def is_text_conditional(model: Any) -> bool:
-    return bool(getattr(model, "conditional", False)) and hasattr(model, "tokenize")
-
-
-def is_latent(model: Any) -> bool:
-    return hasattr(model, "encode_images")
-
-
 def pixel_shape(model: Any) -> tuple[int, int, int] | None:
-    """The ``(C, H, W)`` of the images a user gives for ``model`` (a latent model's pixel shape)."""
-    shape = getattr(model, "pixel_shape", None) if is_latent(model) else None
-    if shape is None:
-        shape = getattr(model, "image_shape", None)
+    """The ``(C, H, W)`` of the images a user gives for ``model``."""
+    shape = getattr(model, "pixel_shape", None) or getattr(model, "image_shape", None)
     if shape is None:
         return None
     c, h, w = (int(v) for v in shape)
@@ -53,24 +50,20 @@ def pixel_shape(model: Any) -> tuple[int, int, int] | None:
 
 @torch.no_grad()
 def model_inputs(model: Any, images: Tensor) -> Tensor:
-    """``images`` ``(n, C, H, W)`` in the model's input space: unchanged for a pixel model, VAE
-    latents ``(n, c, h, w)`` (float32, on the images' device) for a latent one."""
-    if not is_latent(model):
-        return images
-    out = [
-        model.encode_images(images[i : i + ENCODE_BATCH].to(model.device)).float()
-        for i in range(0, images.shape[0], ENCODE_BATCH)
-    ]
-    return torch.cat(out).to(images.device)
+    """``images`` ``(n, C, H, W)`` in the model's input space (``model.inputs``), on the images'
+    device."""
+    inputs = getattr(model, "inputs", None)
+    return images if inputs is None else inputs(images)
 
 
 def dataset_inputs(model: Any, data: ImageDataset) -> Tensor:
-    """:func:`model_inputs` of every image of ``data`` ``(n, ...)``, encoded once per data set and
-    VAE (kept on the data set while its images tensor is the same, unmodified one)."""
-    if not is_latent(model):
-        return data.images
-    cache: dict[tuple[int, int, int], Tensor] = data.__dict__.setdefault(_CACHE, {})
-    key = (id(model.vae), id(data.images), int(data.images._version))
+    """:func:`model_inputs` of every image of ``data`` ``(n, ...)``. A latent model's are
+    encoded once per data set and encoder (kept on the data set while its images tensor is the
+    same, unmodified one)."""
+    if not getattr(model, "inputs_are_latents", False):
+        return model_inputs(model, data.images)
+    cache: dict[tuple[str, int, int], Tensor] = data.__dict__.setdefault(_CACHE, {})
+    key = (str(model.inputs_key()), id(data.images), int(data.images._version))
     if key not in cache:
         cache.clear()
         cache[key] = model_inputs(model, data.images).cpu()
@@ -84,28 +77,15 @@ def condition(
     n: int,
     what: str,
 ) -> Tensor | None:
-    """The conditioning of ``n`` images for ``model``: token ids ``(n, L)`` of ``texts`` for a
-    text-to-image model, class labels ``(n,)`` for a class-conditional one, else None.
-
-    ``what`` names the images in errors ("queries", "training set ...")."""
-    if is_text_conditional(model):
-        if texts is None:
-            raise ConditioningError(
-                f"{what}: the model is text-conditional and these images have no "
-                f"{'prompts' if 'quer' in what else 'captions'}; give each its text (queries: "
-                "--prompt, or an image made by `diffattr generate`; training images: captions in "
-                "metadata.jsonl or a prompt template), or an empty prompt to attribute "
-                "unconditionally"
-            )
-        if len(texts) != n:
-            raise ConditioningError(f"{what}: {len(texts)} texts for {n} images")
-        return model.tokenize(list(texts))
-    if getattr(model, "num_classes", None) is None:
+    """The conditioning of ``n`` images for ``model`` (``model.condition``); ``what`` names
+    them in errors ("queries", "training set ...")."""
+    ask = getattr(model, "condition", None)
+    if ask is not None:
+        return ask(labels, texts, n, what)
+    if getattr(model, "num_classes", None) is None:  # a bare model object (tests)
         return None
     if labels is None:
         raise ConditioningError(f"{what}: the model is class-conditional; the images need labels")
-    if labels.shape != (n,):
-        raise ConditioningError(f"{what}: labels must have shape ({n},), got {tuple(labels.shape)}")
     return labels.to(torch.int64)
 
 

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -32,7 +32,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from safetensors.torch import load_file
 
 from diffattr.config import ConfigError, ExperimentConfig, config_from_dict
-from diffattr.errors import UserError
+from diffattr.errors import ConditioningError, UserError
 from diffattr.repro import RECORD_NAME, derive_seed, state_dict_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,40 @@ class DiffusionModel:
         """Number of classes of a class-conditional model; ``None`` when unconditional."""
         n = self.unet.config["num_class_embeds"]
         return None if n is None else int(n)
+
+    #: The UNet works on the images themselves (a latent model's on their VAE latents).
+    inputs_are_latents = False
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images a user gives: the UNet's own input shape."""
+        return self.image_shape
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The UNet's inputs for ``images`` ``(n, C, H, W)``: the images themselves."""
+        return images
+
+    def condition(
+        self,
+        labels: torch.Tensor | None,
+        texts: Sequence[str] | None,
+        n: int,
+        what: str,
+    ) -> torch.Tensor | None:
+        """The conditioning of ``n`` images (``what`` names them in errors): their class labels
+        ``(n,)`` for a class-conditional model, None for an unconditional one (texts are
+        ignored: a pixel-space DDPM has no text input)."""
+        if self.num_classes is None:
+            return None
+        if labels is None:
+            raise ConditioningError(
+                f"{what}: the model is class-conditional; the images need labels"
+            )
+        if labels.shape != (n,):
+            raise ConditioningError(
+                f"{what}: labels must have shape ({n},), got {tuple(labels.shape)}"
+            )
+        return labels.to(torch.int64)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -35,6 +35,7 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
 from diffattr.diffusion.model import ModelLoadError, eval_mode
+from diffattr.errors import ConditioningError
 from diffattr.repro import RECORD_NAME, state_dict_hash
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,41 @@ class TextToImageModel:
     @property
     def num_classes(self) -> int | None:
         return None
+
+    #: The UNet works on the images' VAE latents (:meth:`inputs`).
+    inputs_are_latents = True
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The UNet's inputs for images ``(n, 3, H, W)`` in ``[-1, 1]``: their latents
+        ``(n, C, h, w)`` float32 (:meth:`encode_images`, D-TRAK's posterior mode), on the
+        images' device."""
+        return self.encode_images(images).float()
+
+    def inputs_key(self) -> str:
+        """What decides :meth:`inputs`: the VAE's weights (cache key for encoded data sets)."""
+        return self._memo("vae")
+
+    def condition(
+        self,
+        labels: torch.Tensor | None,
+        texts: Sequence[str] | None,
+        n: int,
+        what: str,
+    ) -> torch.Tensor:
+        """The conditioning of ``n`` images (``what`` names them in errors): the token ids
+        ``(n, L)`` of their texts (training images' captions, queries' prompts; ``""`` is the
+        unconditional prompt). Class labels are not used."""
+        if texts is None:
+            raise ConditioningError(
+                f"{what}: the model is text-conditional and these images have no "
+                f"{'prompts' if 'quer' in what else 'captions'}; give each its text (queries: "
+                "--prompt, or an image made by `diffattr generate`; training images: captions in "
+                "metadata.jsonl or a prompt template), or an empty prompt to attribute "
+                "unconditionally (--unconditional)"
+            )
+        if len(texts) != n:
+            raise ConditioningError(f"{what}: {len(texts)} texts for {n} images")
+        return self.tokenize(list(texts))
 
     @property
     def conditional(self) -> bool:

@@ -41,7 +41,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffattr.attribution.base import Queries, Scores, Trajectory
-from diffattr.attribution.conditioning import is_latent
 from diffattr.attribution.featurize import FeaturizeArgs, per_step_features, split_halves
 from diffattr.attribution.methods.common import (
     BaseGradOptions,
@@ -204,7 +203,7 @@ class JourneyTrak(GradientAttributor):
         ids = content_ids(queries.images)
         labels = query_condition(self.model, queries)
         # Latents are not bounded to [-1, 1] like pixels: clipping x0_hat applies to pixels only.
-        clip = self.options.clip_x0 and not is_latent(self.model)
+        clip = self.options.clip_x0 and not getattr(self.model, "inputs_are_latents", False)
         out, half_a, half_b = [], [], []
         trajs = enumerate(queries.trajectories)
         for j, traj in tqdm(

@@ -55,7 +55,6 @@ from diffattr.attribution.base import Queries, Scores
 from diffattr.attribution.conditioning import (
     data_condition,
     dataset_inputs,
-    is_text_conditional,
     model_inputs,
     prediction_target,
 )
@@ -87,9 +86,9 @@ PARAM_PRESETS: dict[str, list[str] | None] = {
     "lora": ["lora"],
     "cross-attn-kv": ["cross-attn-kv"],
 }
-#: ``params="auto"``: the unconditional UNet has no cross-attention; a text-to-image model's is
-#: where the paper unlearns.
-AUTO_PARAMS = {"pixel": "up-blocks", "text": "cross-attn-kv"}
+#: ``params="auto"``: the cross-attention key and value projections where the UNet has them (a
+#: text-to-image model: where the paper unlearns), else the up-blocks (measured best on digits-2).
+AUTO_PARAMS = {"cross-attention": "cross-attn-kv", "none": "up-blocks"}
 
 
 def _check_float(value: Any, what: str, positive: bool) -> float:
@@ -185,7 +184,8 @@ class UnlearnOptions:
         :data:`AUTO_PARAMS` by the model's kind)."""
         params = self.params
         if params == "auto":
-            params = AUTO_PARAMS["text" if is_text_conditional(model) else "pixel"]
+            cross = any(".attn2." in n for n, _ in model.unet.named_parameters())
+            params = AUTO_PARAMS["cross-attention" if cross else "none"]
         return PARAM_PRESETS[params] if isinstance(params, str) else list(params)
 
     def grid(self, num_train_timesteps: int) -> list[int]:
