@@ -127,7 +127,7 @@ def _add_lora_arg(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train what the config describes: a pixel-space DDPM, or (``kind: text-to-image-lora``) a
     LoRA on a local Stable Diffusion folder."""
-    from diffattr.config import LoraExperimentConfig, load_train_config
+    from diffattr.config import LoraExperimentConfig, ScratchConfig, load_train_config
     from diffattr.data import load_dataset
 
     cfg = load_train_config(args.config)
@@ -148,6 +148,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         len(train_set),
         train_set.image_shape,
     )
+    if isinstance(cfg, ScratchConfig):
+        from diffattr.diffusion.t2i_scratch import train_scratch
+
+        folder = train_scratch(cfg, train_set, Path(args.out), progress=not args.quiet)
+        log.info("text-to-image model saved in %s (use it as --model %s)", folder, folder)
+        return 0
     if isinstance(cfg, LoraExperimentConfig):
         from diffattr.diffusion.lora_trainer import train_lora
 
@@ -511,12 +517,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from diffattr.demo import next_commands, run_demo
+    from diffattr.demo import next_commands, next_t2i_commands, run_demo, run_t2i_demo
 
-    out = Path(args.out)
+    if args.text_to_image:
+        if args.retrain:
+            raise SystemExit("error: --retrain: the text-to-image demo always trains its LoRA")
+        out = Path(args.out if args.out is not None else "runs/demo-t2i")
+        summary = run_t2i_demo(out, config=args.config, seed=args.seed, progress=not args.quiet)
+        sys.stdout.write(f"prompt: {summary['prompt']}\n")
+        _print_summary(summary, next_t2i_commands(out, program_name()))
+        return 0
+    out = Path(args.out if args.out is not None else "runs/demo")
     summary = run_demo(
         out, config=args.config, seed=args.seed, progress=not args.quiet, retrain=args.retrain
     )
+    _print_summary(summary, next_commands(out, program_name()))
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], commands: list[str]) -> None:
     sys.stdout.write(f"query {summary['query']}: top-5 training images (id, score) per method\n")
     for method, result in summary["methods"].items():
         row = ", ".join(f"{tid} ({score:+.4g})" for tid, score in result["top5"])
@@ -529,9 +548,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sys.stdout.write(f"                  {report['pdf']}\n")
     sys.stdout.write(f"                  {report['json']}\n")
     sys.stdout.write(f"done in {summary['seconds']:.0f} s. Next:\n")
-    for command in next_commands(out, program_name()):
+    for command in commands:
         sys.stdout.write(f"  {command}\n")
-    return 0
 
 
 def program_name() -> str:
@@ -745,7 +763,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="the shipped digits DDPM (or a retrained one): generate, attribute, report"
     )
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default=None, help="default runs/demo (runs/demo-t2i)")
+    p.add_argument(
+        "--text-to-image",
+        action="store_true",
+        help="the text-to-image demo: a LoRA on the shipped latent base model, prompted "
+        "generations, the report of one (--config: another LoRA config)",
+    )
     p.add_argument(
         "--retrain",
         action="store_true",

@@ -170,12 +170,105 @@ class LoraExperimentConfig:
     kind: str = LORA_KIND
     seed: int = 0
     base_model: str = ""
+    # What trains: "lora" (a peft LoRA, saved as a LoRA file), or UNet weights in place, named
+    # as a gradient method's ``params`` (a group such as "cross-attn-kv", Custom Diffusion's
+    # choice, or "all"; or fnmatch patterns), saved as a whole pipeline folder.
+    tune: str | list[str] = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+SCRATCH_KIND = "text-to-image-scratch"
+
+
+@dataclass
+class ScratchVae:
+    """The ``AutoencoderKL`` (one 2x downsampling per block after the first) and its training."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    latent_channels: int = 4
+    norm_num_groups: int = 8
+    steps: int = 600
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    kl_weight: float = 1e-6  # Stable Diffusion's VAE: a small KL term, mostly an autoencoder
+    # Changes to the model's ``data`` for the VAE's training set, e.g. ``{classes: null}``: every
+    # style. An autoencoder only reconstructs what it saw: a VAE fit to the base's styles alone
+    # cannot represent the new styles a LoRA learns later (SD's VAE saw a broad distribution).
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScratchText:
+    """The frozen, seeded random CLIP text encoder and its tokenizer's length."""
+
+    hidden_size: int = 32  # also the UNet's cross_attention_dim
+    layers: int = 2
+    heads: int = 2
+    max_length: int = 16
+    # Words the tokenizer gets besides the captions' (new tokens for later customizations).
+    extra_words: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScratchUNet:
+    """The ``UNet2DConditionModel``: cross-attention in every block but the lowest."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+
+
+@dataclass
+class ScratchConfig:
+    """A small text-to-image latent model trained from scratch (YAML ``kind:
+    text-to-image-scratch``; see :mod:`diffattr.diffusion.t2i_scratch`). ``train`` is the UNet's
+    run (every weight tuned from the random init)."""
+
+    kind: str = SCRATCH_KIND
+    seed: int = 0
+    num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: ScratchVae = field(default_factory=ScratchVae)
+    text: ScratchText = field(default_factory=ScratchText)
+    unet: ScratchUNet = field(default_factory=ScratchUNet)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def scratch_config_from_dict(values: dict[str, Any], where: str = "config") -> ScratchConfig:
+    """A :class:`ScratchConfig` from its YAML mapping; every bad field is one line."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    cfg = _build(ScratchConfig, {"kind": SCRATCH_KIND, **values}, where)
+    if cfg.kind != SCRATCH_KIND:
+        raise ConfigError(f"{where}: kind={cfg.kind!r}; expected {SCRATCH_KIND!r}")
+    _coerce_floats((cfg.train, cfg.vae), where)
+    _check_train(cfg.train, where)
+    if cfg.prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(
+            f"{where}: prediction_type={cfg.prediction_type!r}; expected epsilon or v_prediction"
+        )
+    for section, key in (("vae", "block_out_channels"), ("unet", "block_out_channels")):
+        chans = getattr(getattr(cfg, section), key)
+        if (
+            not isinstance(chans, list)
+            or not chans
+            or not all(isinstance(c, int) and c > 0 for c in chans)
+        ):
+            raise ConfigError(f"{where}: {section}.{key}={chans!r}; expected positive integers")
+    if cfg.train.ema_decay is not None:
+        raise ConfigError(f"{where}: train.ema_decay: not supported for this model kind")
+    check_data_captions(cfg.data, where)
+    return cfg
 
 
 def _build(cls: type, values: Any, where: str) -> Any:
@@ -203,6 +296,11 @@ _SECTIONS: dict[tuple[type, str], type] = {
     (LoraExperimentConfig, "lora"): LoraSettings,
     (LoraExperimentConfig, "data"): DataConfig,
     (LoraExperimentConfig, "train"): TrainConfig,
+    (ScratchConfig, "data"): DataConfig,
+    (ScratchConfig, "vae"): ScratchVae,
+    (ScratchConfig, "text"): ScratchText,
+    (ScratchConfig, "unet"): ScratchUNet,
+    (ScratchConfig, "train"): TrainConfig,
 }
 
 
@@ -237,9 +335,11 @@ def is_lora_config(values: dict[str, Any], where: str = "config") -> bool:
     kind = values.get("kind")
     if kind is None:
         return "base_model" in values
+    if kind == SCRATCH_KIND:
+        return False
     if kind != LORA_KIND:
         raise ConfigError(
-            f"{where}: kind: unknown config kind {kind!r}; known: [{LORA_KIND!r}] "
+            f"{where}: kind: unknown config kind {kind!r}; known: [{LORA_KIND!r}, {SCRATCH_KIND!r}] "
             "(leave kind out for a pixel-space DDPM config)"
         )
     return True
@@ -261,6 +361,7 @@ def lora_config_from_dict(values: dict[str, Any], where: str = "config") -> Lora
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"{where}: seed={cfg.seed!r}; expected an integer")
     _check_lora(cfg.lora, where)
+    _check_tune(cfg.tune, where)
     _check_train(cfg.train, where)
     if cfg.train.ema_decay is not None:
         raise ConfigError(
@@ -289,6 +390,17 @@ def _check_lora(lora: LoraSettings, where: str) -> None:
         raise ConfigError(
             f"{where}: lora.targets={t!r}; expected a non-empty list of module names, e.g. "
             f"{list(DEFAULT_LORA_TARGETS)}"
+        )
+
+
+def _check_tune(tune: Any, where: str) -> None:
+    ok = (isinstance(tune, str) and tune) or (
+        isinstance(tune, list) and tune and all(isinstance(x, str) and x for x in tune)
+    )
+    if not ok:
+        raise ConfigError(
+            f"{where}: tune={tune!r}; expected 'lora', a parameter group ('cross-attn-kv', "
+            "'all') or a list of fnmatch patterns over the UNet's parameter names"
         )
 
 
@@ -333,7 +445,12 @@ def lora_identity_dict(cfg: LoraExperimentConfig) -> dict[str, Any]:
     """``cfg.to_dict()`` for result identities, with the same later-added data / train keys left
     out while at their defaults as :func:`identity_dict`."""
     added = {k: _ADDED_LATER[k] for k in ("data", "train")}
-    return drop_later_defaults(cfg.to_dict(), added, _SECTION_TYPES)
+    d = drop_later_defaults(cfg.to_dict(), added, _SECTION_TYPES)
+    if d["tune"] == "lora":  # added later: LoRA runs made before it still reopen
+        d.pop("tune")
+    else:  # the LoRA section says nothing about a run that tunes weights in place
+        d.pop("lora")
+    return d
 
 
 def _check_train(t: TrainConfig, where: str) -> None:
@@ -420,12 +537,16 @@ def load_config(path: str | Path) -> ExperimentConfig:
     return config_from_dict(_read_yaml(path), where=str(path))
 
 
-def load_train_config(path: str | Path) -> ExperimentConfig | LoraExperimentConfig:
-    """Read what ``diffattr train`` trains: a pixel-space :class:`ExperimentConfig`, or a
+def load_train_config(
+    path: str | Path,
+) -> ExperimentConfig | LoraExperimentConfig | ScratchConfig:
+    """Read what ``diffattr train`` trains: a pixel-space :class:`ExperimentConfig`, a
     :class:`LoraExperimentConfig` when the YAML says ``kind: text-to-image-lora`` (or has a
-    ``base_model``)."""
+    ``base_model``), or a :class:`ScratchConfig` (``kind: text-to-image-scratch``)."""
     path = Path(path)
     values = _read_yaml(path)
+    if isinstance(values, dict) and values.get("kind") == SCRATCH_KIND:
+        return scratch_config_from_dict(values, where=str(path))
     if isinstance(values, dict) and is_lora_config(values, str(path)):
         return lora_config_from_dict(values, where=str(path))
     return config_from_dict(values, where=str(path))

@@ -8,6 +8,12 @@ another. The demo generates 16 digits, builds each method of :data:`DEMO_METHODS
 attributor folder (``runs/demo/features/<method>``; the gradient methods' features in one pass over
 the training set) and writes the copyright report for one generated digit
 (``runs/demo/report/``: HTML, PDF, JSON).
+
+``diffattr demo --text-to-image`` (:func:`run_t2i_demo`) does the same for a text-to-image LoRA:
+the shipped latent base model ``assets/t2i-digit-styles`` (see
+:mod:`diffattr.diffusion.t2i_scratch`), a LoRA that teaches it two new styles
+(``configs/t2i-digit-styles-lora.yaml``, trained in ``runs/demo-t2i/lora``), generations with
+prompts, and the report of one of them against the LoRA's 200 training images.
 """
 
 from __future__ import annotations
@@ -129,8 +135,95 @@ def run_demo(
             options=DEMO_METHODS,
         )
     )
+    summary = _summary(result, seed, model, t_start)
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def next_commands(out: Path, program: str) -> list[str]:
+    """The three commands a user runs after the demo: attribute another generated image, write
+    the report for it, and featurize more methods (one pass) to compare."""
+    image = out / "generated" / "0005.png"
+    model = out / "model"
+    return [
+        f"{program} attribute --model {model} --features {out / 'features' / 'd-trak'} "
+        f"--image {image} --top-k 10",
+        f"{program} report --model {model} --image {image} --methods d-trak,das,pixel "
+        f"--features-root {out / 'features'} --out {out / 'report-0005'}",
+        f"{program} featurize --model {model} --method trak,grad-cos --option timesteps=50 "
+        f"--out {out / 'features'}",
+    ]
+
+
+T2I_BASE = ("assets", "t2i-digit-styles")
+T2I_LORA_CONFIG = "t2i-digit-styles-lora.yaml"
+T2I_PROMPTS = [
+    f"a {digit} in {style} style"
+    for style in ("outline", "dotted")
+    for digit in ("zero", "two", "three", "five")
+]
+# The methods of the text-to-image demo: gradients of the LoRA only (D-TRAK's setting), AbU's
+# unlearning of the cross-attention keys and values, and pixels as the near-copy baseline.
+T2I_DEMO_METHODS: dict[str, dict[str, Any]] = {
+    "d-trak": {"timesteps": 100, "t_min": None, "batch_size": 64},
+    "das": {"timesteps": 50, "t_min": None, "batch_size": 64},
+    "unlearn": {"params": "cross-attn-kv", "timesteps": 50},
+    "pixel": {},
+}
+
+
+def run_t2i_demo(
+    out: Path, config: str | Path | None = None, seed: int = 0, progress: bool = True
+) -> dict[str, Any]:
+    """LoRA on the shipped text-to-image base, 8 prompted generations, the copyright report of
+    one of them with :data:`T2I_DEMO_METHODS`. Returns the summary (also ``out/summary.json``)."""
+    import dataclasses
+
+    from diffattr.config import LoraExperimentConfig, load_train_config
+    from diffattr.data import load_dataset
+    from diffattr.diffusion.lora_trainer import train_lora
+    from diffattr.diffusion.t2i_sampling import sample_text_to_image
+    from diffattr.report import ReportRequest, write_report
+    from diffattr.report.render import find_chromium
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_train_config(config_path(config, T2I_LORA_CONFIG))
+    if not isinstance(cfg, LoraExperimentConfig):
+        raise ValueError(f"{config}: --text-to-image needs a kind: text-to-image-lora config")
+    if config is None:  # the shipped base, wherever the package is run from
+        cfg = dataclasses.replace(cfg, base_model=str(resource(*T2I_BASE)))
+    train = load_dataset(cfg.data)
+    model = train_lora(cfg, train, out / "lora", progress=progress)
+    gen_dir = out / "generated"
+    if not (gen_dir / "sample.json").exists():
+        sample_text_to_image(
+            model, T2I_PROMPTS, seed=seed, guidance_scale=1.0, progress=progress
+        ).save(gen_dir)
+        log.info("wrote %d generated images and grid.png to %s", len(T2I_PROMPTS), gen_dir)
+    result = write_report(
+        ReportRequest(
+            model=out / "lora",
+            image=gen_dir / f"{QUERY_INDEX:04d}.png",
+            methods=list(T2I_DEMO_METHODS),
+            out=out / "report",
+            groups="style",
+            features_root=out / "features",
+            seed=seed,
+            pdf=find_chromium() is not None,
+            progress=progress,
+            options=T2I_DEMO_METHODS,
+        )
+    )
+    summary = _summary(result, seed, model, t_start)
+    summary["prompt"] = T2I_PROMPTS[QUERY_INDEX]
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _summary(result: Any, seed: int, model: Any, t_start: float) -> dict[str, Any]:
     content = result.content
-    summary = {
+    return {
         "query": content["query"]["path"],
         "seed": seed,
         "model_hash": model.model_hash(),
@@ -150,20 +243,18 @@ def run_demo(
         },
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    write_json_atomic(out / "summary.json", summary)
-    return summary
 
 
-def next_commands(out: Path, program: str) -> list[str]:
-    """The three commands a user runs after the demo: attribute another generated image, write
-    the report for it, and featurize more methods (one pass) to compare."""
+def next_t2i_commands(out: Path, program: str) -> list[str]:
+    """The three commands after the text-to-image demo: attribute another generation, report on
+    it, and attribute an image of your own with a prompt."""
     image = out / "generated" / "0005.png"
-    model = out / "model"
+    model = out / "lora"
     return [
         f"{program} attribute --model {model} --features {out / 'features' / 'd-trak'} "
         f"--image {image} --top-k 10",
-        f"{program} report --model {model} --image {image} --methods d-trak,das,pixel "
-        f"--features-root {out / 'features'} --out {out / 'report-0005'}",
-        f"{program} featurize --model {model} --method trak,grad-cos --option timesteps=50 "
-        f"--out {out / 'features'}",
+        f"{program} report --model {model} --image {image} --methods d-trak,unlearn,pixel "
+        f"--features-root {out / 'features'} --groups style --out {out / 'report-0005'}",
+        f"{program} generate --model {model} --prompt 'a seven in dotted style' --n 4 "
+        f"--out {out / 'generated-7'}",
     ]

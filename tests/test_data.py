@@ -505,6 +505,7 @@ def test_registry_lists_contract_names():
     assert set(names) == {
         "digits",
         "digits-2",
+        "digit-styles",
         "cifar10",
         "cifar2",
         "artbench10",

@@ -9,7 +9,8 @@ the module as a whole. Nothing is skipped; what the test changes, and why:
 
 * **Tiny settings.** ``configs/digits2.yaml`` and ``configs/eval/digits2.yaml`` in the working
   directory are tiny stand-ins (:data:`TINY_TRAIN`, :data:`TINY_EVAL`) for the files the README
-  names, so the commands themselves run unchanged; ``make demo`` gets
+  names, so the commands themselves run unchanged (likewise the text-to-image demo's LoRA config,
+  :func:`tiny_styles_lora`, and ``configs/eval/t2i-digit-styles.yaml``: its smoke config); ``make demo`` gets
   ``DEMO_ARGS="--retrain --config configs/digits2.yaml"`` (retrain the tiny stand-in instead of
   featurizing with the shipped demo model, which takes minutes).
 * **make.** ``make test`` would run this test again (recursion): it is checked with
@@ -108,6 +109,15 @@ STAND_INS = {
     "/path/to/stable-diffusion-v1-5": "{sd}",  # a tiny StableDiffusionPipeline folder
 }
 STYLES = ("post_impressionism", "ukiyo_e")  # ~/artbench-256/{train,test}/<style>/ stand-ins
+
+
+def tiny_styles_lora() -> dict[str, Any]:
+    """configs/t2i-digit-styles-lora.yaml (the text-to-image demo's LoRA on the shipped base)
+    with 24 images and 4 steps."""
+    cfg = yaml.safe_load((ROOT / "configs" / "t2i-digit-styles-lora.yaml").read_text())
+    cfg["data"]["limit"] = 24
+    cfg["train"].update(steps=4, batch_size=8, lr_warmup_steps=1, checkpoint_every=2)
+    return cfg
 
 
 def tiny_lora_config() -> dict[str, Any]:
@@ -264,6 +274,11 @@ def promises(argv: list[str]) -> tuple[list[str], list[str]]:
         if chromium_present() and "--no-pdf" not in sub:
             files.append(f"{out}/report.pdf")
         return files, ["near copy"]
+    if sub[0] == "demo":
+        out = out or ("runs/demo-t2i" if "--text-to-image" in sub else "runs/demo")
+        report = [f"{out}/report/report.html", f"{out}/report/report.json"]
+        model = "lora/pytorch_lora_weights.safetensors" if "--text-to-image" in sub else "model"
+        return [*report, f"{out}/generated/0003.png", f"{out}/{model}"], ["Next:"]
     if sub[0] == "evaluate":
         methods = _after(sub, "--methods", "").split(",")
         return [f"{out}/comparison.md", f"{out}/results.json"], methods
@@ -299,6 +314,12 @@ def workspace(tmp_path_factory) -> dict[str, Any]:
     clip = tiny_clip_folder(tmp / "clip-vit-base-patch32")
     sd = tiny_t2i_folder(tmp / "stable-diffusion-v1-5")
     (work / "configs" / "t2i-lora-example.yaml").write_text(yaml.safe_dump(tiny_lora_config()))
+    (work / "configs" / "t2i-digit-styles-lora.yaml").write_text(yaml.safe_dump(tiny_styles_lora()))
+    # The text-to-image evaluation: its smoke test (a base trained for a few steps, 4 subsets).
+    shutil.copy(
+        ROOT / "configs" / "eval" / "t2i-digit-styles-smoke.yaml",
+        work / "configs" / "eval" / "t2i-digit-styles.yaml",
+    )
     rng = np.random.default_rng(7)
     for split, style in ((sp, st) for sp in ("train", "test") for st in STYLES):
         for i in range(3 if split == "train" else 1):

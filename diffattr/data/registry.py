@@ -25,6 +25,7 @@ from diffattr.data.digits import MIN_SIZE as DIGITS_MIN_SIZE
 from diffattr.data.digits import load_digits2, load_digits_all
 from diffattr.data.imagefolder import load_imagefolder
 from diffattr.data.selection import check_split
+from diffattr.data.styles import load_digit_styles
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ DATASETS: dict[str, DatasetSource] = {
             "digits-2",
             "scikit-learn digits 0 and 1 only, 1 channel (bundled; test = ids % 5 == 0)",
             load_digits2,
+            (DIGITS_MIN_SIZE, DIGITS_MAX_SIZE),
+        ),
+        DatasetSource(
+            "digit-styles",
+            "scikit-learn digits in 6 colour styles, RGB, captioned (bundled; default size 16)",
+            load_digit_styles,
             (DIGITS_MIN_SIZE, DIGITS_MAX_SIZE),
         ),
         DatasetSource(

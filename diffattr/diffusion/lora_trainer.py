@@ -56,6 +56,7 @@ from diffattr.diffusion.lora import (
     lora_summary,
     save_lora,
 )
+from diffattr.diffusion.params import select_params
 from diffattr.diffusion.text2image import TextToImageModel, load_text_to_image
 from diffattr.diffusion.trainer import (
     CHECKPOINT_DIR,
@@ -106,18 +107,39 @@ def lora_training_identity(
     return {"config": config, "base_hash": base_hash, "data_hash": train_set.data_hash()}
 
 
-def is_lora_trained(out_dir: str | os.PathLike) -> bool:
-    """True when ``out_dir`` holds a finished LoRA written by :func:`train_lora`."""
-    out_dir = Path(out_dir)
+def _finished_record(out_dir: Path) -> dict[str, Any] | None:
     try:
         record = read_record(out_dir)
     except (FileNotFoundError, json.JSONDecodeError, ValueError):
+        return None
+    return record if record.get("kind") == LORA_KIND and record.get("finished") else None
+
+
+def is_lora_trained(out_dir: str | os.PathLike) -> bool:
+    """True when ``out_dir`` holds a finished LoRA written by :func:`train_lora`."""
+    out_dir = Path(out_dir)
+    return _finished_record(out_dir) is not None and (out_dir / LORA_WEIGHT_NAME).is_file()
+
+
+def is_fine_tuned(out_dir: str | os.PathLike) -> bool:
+    """True when ``out_dir`` holds a finished run of :func:`train_lora`: a LoRA, or (``tune``
+    other than ``lora``) a whole pipeline folder with the tuned UNet."""
+    out_dir = Path(out_dir)
+    if _finished_record(out_dir) is None:
         return False
-    return (
-        record.get("kind") == LORA_KIND
-        and bool(record.get("finished"))
-        and (out_dir / LORA_WEIGHT_NAME).is_file()
-    )
+    return (out_dir / LORA_WEIGHT_NAME).is_file() or (out_dir / "model_index.json").is_file()
+
+
+def tunes_lora(cfg: LoraExperimentConfig) -> bool:
+    return cfg.tune == "lora"
+
+
+def load_fine_tuned(out_dir: str | os.PathLike, device: Any = "cpu") -> TextToImageModel:
+    """The model a finished :func:`train_lora` run made: base + LoRA, or the tuned pipeline."""
+    out_dir = Path(out_dir)
+    if (out_dir / LORA_WEIGHT_NAME).is_file():
+        return load_text_to_image(read_record(out_dir)["base_model"], lora=out_dir, device=device)
+    return load_text_to_image(out_dir, device=device)
 
 
 def check_lora_inputs(
@@ -158,10 +180,30 @@ def check_lora_inputs(
     check_accelerator(cfg.train, accelerator)
 
 
-def _lora_params(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The LoRA parameters by ``named_parameters`` name, in module order; every other weight of
-    the UNet is frozen."""
-    names = set(lora_parameter_names(unet))
+def _trainable(cfg: LoraExperimentConfig, unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """What trains, by ``named_parameters`` name in module order (every other weight of the UNet
+    is frozen): a fresh LoRA's matrices, or the UNet weights ``cfg.tune`` names."""
+    if not tunes_lora(cfg):
+        try:
+            names = set(select_params(unet, cfg.tune))
+        except ValueError as exc:
+            raise ConfigError(f"tune: {exc}") from exc
+        return _only(unet, names)
+    try:
+        add_lora(
+            unet,
+            cfg.lora.rank,
+            cfg.lora.alpha,
+            cfg.lora.targets,
+            cfg.lora.init,
+            seed=derive_seed(cfg.seed, "lora-init"),
+        )
+    except ValueError as exc:  # peft: a target module the UNet does not have
+        raise ConfigError(f"lora: {exc}".splitlines()[0]) from exc
+    return _only(unet, set(lora_parameter_names(unet)))
+
+
+def _only(unet: torch.nn.Module, names: set[str]) -> dict[str, torch.nn.Parameter]:
     params = {}
     for n, p in unet.named_parameters():
         p.requires_grad_(n in names)
@@ -226,23 +268,12 @@ def train_lora(
     open_out_dir(out_dir, identity, accelerator, LORA_KIND)
     view = resolve_train_length(_schedule_view(cfg), len(train_set))
     cfg = dataclasses.replace(cfg, train=view.train)
-    if is_lora_trained(out_dir):
+    if is_fine_tuned(out_dir):
         log.info("%s: already trained with this config, base model and data; loading", out_dir)
-        return load_text_to_image(cfg.base_model, lora=out_dir, device=accelerator.device)
+        return load_fine_tuned(out_dir, device=accelerator.device)
 
-    try:
-        add_lora(
-            model.unet,
-            cfg.lora.rank,
-            cfg.lora.alpha,
-            cfg.lora.targets,
-            cfg.lora.init,
-            seed=derive_seed(cfg.seed, "lora-init"),
-        )
-    except ValueError as exc:  # peft: a target module the UNet does not have
-        raise ConfigError(f"lora: {exc}".splitlines()[0]) from exc
     unet = model.unet
-    params = _lora_params(unet)
+    params = _trainable(cfg, unet)
     unet.train()
     optimizer = make_optimizer(view, list(params.values()))
     state = TrainState()
@@ -280,7 +311,8 @@ def train_lora(
     accelerator.wait_for_everyone()
     if state.step >= cfg.train.steps and not accelerator.is_main_process:
         model.record = read_record(out_dir)
-        model.lora_path = out_dir / LORA_WEIGHT_NAME
+        if tunes_lora(cfg):
+            model.lora_path = out_dir / LORA_WEIGHT_NAME
     return model
 
 
@@ -294,21 +326,30 @@ def _finish(
     accelerator: Accelerator,
     keep_checkpoints: bool,
 ) -> None:
-    """Save a finished run: the LoRA file, the loss CSV, the completed record (last, so a folder
-    with ``finished`` is complete); drop the checkpoints."""
-    lora_file = save_lora(model, out_dir)
-    model.lora_path = lora_file
-    write_loss_csv(out_dir / LOSS_FILE, state.loss_history)
+    """Save a finished run: the LoRA file (or the tuned pipeline), the loss CSV, the completed
+    record (last, so a folder with ``finished`` is complete); drop the checkpoints."""
     record = read_record(out_dir)
+    if tunes_lora(cfg):
+        lora_file = save_lora(model, out_dir)
+        model.lora_path = lora_file
+        record.update(
+            base_hash=model.base_hash(),
+            lora_hash=model.lora_hash(),
+            lora=lora_summary(model.unet),
+            lora_file=lora_file.name,
+        )
+    else:
+        parent_hash = record.get("identity", {}).get("base_hash")
+        save_tuned_pipeline(model, out_dir)
+        model.base_path = out_dir
+        # The folder is a pipeline of its own: its base is itself, and it came from parent_hash.
+        record.update(base_hash=model.base_hash(), parent_hash=parent_hash, tune=cfg.tune)
+    write_loss_csv(out_dir / LOSS_FILE, state.loss_history)
     record.update(
         config=cfg.to_dict(),
         seed=cfg.seed,
         base_model=str(cfg.base_model),
-        base_hash=model.base_hash(),
-        lora_hash=model.lora_hash(),
         model_hash=model.model_hash(),
-        lora=lora_summary(model.unet),
-        lora_file=lora_file.name,
         prediction_type=model.prediction_type,
         data_hash=train_set.data_hash(),
         train_ids=train_set.ids.tolist(),
@@ -324,6 +365,17 @@ def _finish(
     model.record = record
     if not keep_checkpoints:
         shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def save_tuned_pipeline(model: TextToImageModel, out_dir: Path) -> None:
+    """Write ``out_dir`` as a ``StableDiffusionPipeline`` folder: the tuned UNet, and the base
+    folder's other parts (VAE, text encoder, tokenizer, scheduler, ``model_index.json``) copied."""
+    base = Path(model.base_path)
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        shutil.copytree(base / part, out_dir / part, dirs_exist_ok=True)
+    model.unet.save_pretrained(str(out_dir / "unet"), safe_serialization=True)
+    # Last: model_index.json is what makes the folder a pipeline.
+    shutil.copyfile(base / "model_index.json", out_dir / "model_index.json")
 
 
 def _train_loop(
@@ -355,7 +407,7 @@ def _train_loop(
         total=target,
         initial=state.step,
         disable=not progress or not accelerator.is_local_main_process,
-        desc="train LoRA",
+        desc="train LoRA" if tunes_lora(cfg) else "fine-tune",
     )
     while state.step < target:
         for g in optimizer.param_groups:

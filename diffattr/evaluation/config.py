@@ -16,6 +16,13 @@ the retraining ground truth is built and which methods are judged::
     workers: 1                         # processes (torchrun); each takes a share of the models
     stack_models: 1                    # models a process trains at once (torch.func stacking)
 
+A text-to-image evaluation (LDS by LoRA retraining, D-TRAK's ArtBench protocol) names a LoRA
+fine-tune as its experiment (``kind: text-to-image-lora``): the base model stays fixed, the LoRA is
+retrained on every subset. ``base`` (a path or mapping of a ``kind: text-to-image-scratch``
+config) trains the base model here first, in ``out/base``; the experiment then says
+``base_model: base``. ``customization`` adds the customization benchmark
+(:mod:`diffattr.evaluation.customization`).
+
 Unknown keys are an error naming the section and key.
 """
 
@@ -30,7 +37,20 @@ from typing import Any
 
 import yaml
 
-from diffattr.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+from diffattr.config import (
+    ConfigError,
+    ExperimentConfig,
+    LoraExperimentConfig,
+    ScratchConfig,
+    config_from_dict,
+    is_lora_config,
+    load_config,
+    lora_config_from_dict,
+    scratch_config_from_dict,
+)
+
+#: ``experiment.base_model`` of a LoRA experiment whose base the ``base`` section trains.
+BASE_MARKER = "base"
 
 
 @dataclass
@@ -56,6 +76,10 @@ class QueriesConfig:
     num_inference_steps: int | None = None  # None: the experiment's sample.num_inference_steps
     # Held-out draw class-stratified, scikit-learn's split with random_state=seed (D-TRAK: 42).
     stratify: bool = False
+    # Text-to-image: the prompts generated queries use (None: captions of the training images,
+    # drawn with ``seed``), and the classifier-free guidance (1: the conditional model alone).
+    prompts: list[str] | None = None
+    guidance_scale: float = 1.0
 
 
 @dataclass
@@ -100,6 +124,31 @@ class GroupSubsetsConfig:
 
 
 @dataclass
+class CustomizationConfig:
+    """The customization benchmark (Wang et al., ICCV 2023): see
+    :mod:`diffattr.evaluation.customization`."""
+
+    enabled: bool = False
+    data: dict[str, Any] = field(default_factory=dict)  # DataConfig of exemplars and pool
+    pool_classes: list[str] | None = None  # the pool's styles (None: the base's training data)
+    pool_size: int = 300
+    # Each: {name, style (the data class the exemplars come from), exemplars (how many), token
+    # (the new word), seed, prompts_from (overrides the section's)}.
+    sets: list[dict[str, Any]] = field(default_factory=list)
+    caption: str = "a {digit} in {token} style"  # exemplar captions and query prompts
+    tune: Any = "cross-attn-kv"  # what the customization trains (Custom Diffusion: K and V)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig of the customization
+    queries_per_set: int = 8
+    # Query prompts: "pool" puts the new word on other content (the captions' other fields
+    # from pool images: a new digit in the learnt style); "exemplars" asks for the exemplars'
+    # own captions again (what the customization was taught).
+    prompts_from: str = "pool"
+    methods: list[str] | None = None  # None: every evaluated method
+    num_inference_steps: int = 50
+    guidance_scale: float = 1.0
+
+
+@dataclass
 class LDSConfig:
     bootstrap: int = 1000  # bootstrap resamples over queries for the CI
     seed: int = 0
@@ -108,7 +157,9 @@ class LDSConfig:
 
 @dataclass
 class EvalConfig:
-    experiment: ExperimentConfig
+    experiment: ExperimentConfig | LoraExperimentConfig
+    base: ScratchConfig | None = None  # a base model trained here (text-to-image)
+    customization: CustomizationConfig = field(default_factory=CustomizationConfig)
     subsets: SubsetsConfig = field(default_factory=SubsetsConfig)
     queries: QueriesConfig = field(default_factory=QueriesConfig)
     ground_truth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
@@ -131,11 +182,20 @@ class EvalConfig:
         Keys added after evaluations were first written are left out while at their defaults,
         so older result folders still reopen.
         """
-        from diffattr.config import drop_later_defaults, identity_dict
+        from diffattr.config import drop_later_defaults, identity_dict, lora_identity_dict
 
         d = {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
-        d["experiment"] = identity_dict(self.experiment)
+        if isinstance(self.experiment, LoraExperimentConfig):
+            d["experiment"] = lora_identity_dict(self.experiment)
+        else:
+            d["experiment"] = identity_dict(self.experiment)
+        if d["base"] is None:  # added later: pixel evaluations' identities stay as they were
+            d.pop("base")
         return drop_later_defaults(d, _ADDED_LATER, _SECTIONS)
+
+    @property
+    def text_to_image(self) -> bool:
+        return isinstance(self.experiment, LoraExperimentConfig)
 
     def method_options(self, name: str) -> dict[str, Any]:
         """The entry ``methods.<name>`` as written (a copy)."""
@@ -154,9 +214,13 @@ class EvalConfig:
 
 
 # group_subsets: its own identity in out/group_subsets (see GroupSubsetsConfig).
-NOT_IDENTITY = ("methods", "workers", "stack_models", "group_subsets")
+# customization: its own identities in out/customization (see the module).
+NOT_IDENTITY = ("methods", "workers", "stack_models", "group_subsets", "customization")
 # Keys added after evaluations were first written (see EvalConfig.identity).
-_ADDED_LATER: dict[str, tuple[str, ...]] = {"subsets": ("stratify",), "queries": ("stratify",)}
+_ADDED_LATER: dict[str, tuple[str, ...]] = {
+    "subsets": ("stratify",),
+    "queries": ("stratify", "prompts", "guidance_scale"),
+}
 
 _SECTIONS: dict[str, type] = {
     "subsets": SubsetsConfig,
@@ -165,8 +229,10 @@ _SECTIONS: dict[str, type] = {
     "counterfactual": CounterfactualConfig,
     "lds": LDSConfig,
     "group_subsets": GroupSubsetsConfig,
+    "customization": CustomizationConfig,
 }
 _TOP_KEYS = {
+    "base",
     "experiment",
     "experiment_overrides",
     "methods",
@@ -199,19 +265,40 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _experiment(values: dict[str, Any], where: str, folder: Path | None) -> ExperimentConfig:
+def _find(path: str, folder: Path | None, where: str, what: str) -> Path:
+    """A config path, relative to the eval YAML's folder, then to the cwd."""
+    candidates = [Path(path)] if Path(path).is_absolute() else []
+    if not candidates:
+        candidates = ([folder / path] if folder else []) + [Path(path)]
+    found = next((p for p in candidates if p.exists()), None)
+    if found is None:
+        raise ConfigError(
+            f"{where}: {what} config {path!r} not found (looked at "
+            f"{', '.join(str(p) for p in candidates)})"
+        )
+    return found
+
+
+def _base(values: dict[str, Any], where: str, folder: Path | None) -> ScratchConfig | None:
+    base = values.get("base")
+    if base is None:
+        return None
+    if isinstance(base, str):
+        base = yaml.safe_load(_find(base, folder, f"{where}.base", "base model").read_text())
+    return scratch_config_from_dict(base, where=f"{where}.base")
+
+
+def _experiment(
+    values: dict[str, Any], where: str, folder: Path | None
+) -> ExperimentConfig | LoraExperimentConfig:
     exp = values.get("experiment")
     if isinstance(exp, str):
-        candidates = [Path(exp)] if Path(exp).is_absolute() else []
-        if not candidates:
-            candidates = ([folder / exp] if folder else []) + [Path(exp)]
-        found = next((p for p in candidates if p.exists()), None)
-        if found is None:
-            raise ConfigError(
-                f"{where}: experiment config {exp!r} not found (looked at "
-                f"{', '.join(str(p) for p in candidates)})"
-            )
-        base = dataclasses.asdict(load_config(found))
+        found = _find(exp, folder, where, "experiment")
+        raw = yaml.safe_load(found.read_text()) or {}
+        if isinstance(raw, dict) and is_lora_config(raw, str(found)):
+            base = raw
+        else:
+            base = dataclasses.asdict(load_config(found))
     elif isinstance(exp, dict):
         base = exp
     elif exp is None:
@@ -221,7 +308,18 @@ def _experiment(values: dict[str, Any], where: str, folder: Path | None) -> Expe
     over = values.get("experiment_overrides") or {}
     if not isinstance(over, dict):
         raise ConfigError(f"{where}.experiment_overrides: expected a mapping")
-    return config_from_dict(deep_merge(base, over), where=f"{where}.experiment")
+    merged = deep_merge(base, over)
+    if is_lora_config(merged, f"{where}.experiment"):
+        if values.get("base") is not None and not merged.get("base_model"):
+            merged["base_model"] = BASE_MARKER
+        cfg = lora_config_from_dict(merged, where=f"{where}.experiment")
+        if cfg.base_model == BASE_MARKER and values.get("base") is None:
+            raise ConfigError(
+                f"{where}.experiment.base_model: {BASE_MARKER!r} names the model the 'base' "
+                "section trains, and there is no 'base' section"
+            )
+        return cfg
+    return config_from_dict(merged, where=f"{where}.experiment")
 
 
 def lambda_grid(values: Any, where: str) -> list[float] | None:
@@ -255,7 +353,7 @@ def _validate(cfg: EvalConfig, where: str) -> None:
     if q.held_out < 0 or q.generated < 0 or q.held_out + q.generated == 0:
         raise ConfigError(f"{where}.queries: need held_out + generated > 0 (both >= 0)")
     g = cfg.ground_truth
-    T = cfg.experiment.scheduler.num_train_timesteps
+    T = num_train_timesteps(cfg)
     if not 1 <= g.timesteps <= T:
         raise ConfigError(f"{where}.ground_truth.timesteps: must be in [1, {T}], got {g.timesteps}")
     if g.noise_draws < 1 or g.batch_size < 1:
@@ -268,9 +366,34 @@ def _validate(cfg: EvalConfig, where: str) -> None:
             raise ConfigError(
                 f"{where}.counterfactual.queries: must be in [1, queries.generated={q.generated}]"
             )
+    if cfg.text_to_image and c.enabled:
+        raise ConfigError(
+            f"{where}.counterfactual: not available for text-to-image evaluations yet (set "
+            "enabled: false)"
+        )
+    if cfg.customization.enabled:
+        from diffattr.evaluation.customization import check_customization
+
+        check_customization(cfg, f"{where}.customization")
     if not 0.0 < cfg.lds.level < 1.0 or cfg.lds.bootstrap < 1:
         raise ConfigError(f"{where}.lds: level in (0, 1) and bootstrap >= 1 required")
     _validate_groups(cfg.group_subsets, f"{where}.group_subsets")
+
+
+def num_train_timesteps(cfg: EvalConfig) -> int:
+    """T of the evaluated model's scheduler (a text-to-image base's is read when it is trained
+    here or exists; Stable Diffusion's 1000 otherwise)."""
+    exp = cfg.experiment
+    if isinstance(exp, ExperimentConfig):
+        return exp.scheduler.num_train_timesteps
+    if cfg.base is not None:
+        return cfg.base.num_train_timesteps
+    sched = Path(exp.base_model) / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        import json
+
+        return int(json.loads(sched.read_text()).get("num_train_timesteps", 1000))
+    return 1000
 
 
 def _validate_groups(g: GroupSubsetsConfig, where: str) -> None:
@@ -319,6 +442,7 @@ def eval_config_from_dict(
         cf["fractions"] = [float(v) for v in cf["fractions"]]
     cfg = EvalConfig(
         experiment=_experiment(values, where, folder),
+        base=_base(values, where, folder),
         methods={str(k): dict(v or {}) for k, v in methods.items()},
         workers=workers,
         stack_models=stack_models,

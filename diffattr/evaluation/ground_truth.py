@@ -75,17 +75,16 @@ def query_losses(
     model: Any, queries: Queries, spec: GroundTruthSpec, progress: bool = False
 ) -> np.ndarray:
     """Mean diffusion loss per query ``(Q,)`` float64 over ``spec``'s (timestep, noise) pairs."""
+    from diffattr.attribution.conditioning import condition, model_inputs
     from diffattr.diffusion.model import diffusion_loss, eval_mode
 
     device = model.device
-    images = queries.images.to(torch.float32)
+    # The model's own inputs (a latent model's VAE latents) and conditioning (class labels, or
+    # the prompts' token ids): the loss is the one the model was trained on.
+    images = model_inputs(model, queries.images.to(device, torch.float32)).cpu()
     n = images.shape[0]
     shape = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
-    labels = queries.labels if model.num_classes is not None else None
-    if model.num_classes is not None and labels is None:
-        raise ValueError(
-            "ground truth: the model is class-conditional but the queries have no labels"
-        )
+    labels = condition(model, queries.labels, queries.prompts, n, "ground truth queries")
     combos = [(t, d) for t in spec.timesteps for d in range(spec.noise_draws)]
     total = torch.zeros(n, dtype=torch.float64)
     # Pack several (t, d) combos into one forward pass when there are few queries.
@@ -97,7 +96,11 @@ def query_losses(
             noise = torch.cat([gt_noise(spec.seed, queries.names, t, d, shape) for t, d in group])
             ts = torch.cat([torch.full((n,), t, dtype=torch.int64) for t, _ in group])
             x0 = images.repeat(len(group), 1, 1, 1)
-            lab = None if labels is None else labels.repeat(len(group))
+            lab = (
+                None
+                if labels is None
+                else labels.cpu().repeat(len(group), *([1] * (labels.ndim - 1)))
+            )
             for a in range(0, x0.shape[0], q_chunk):
                 b = a + q_chunk
                 loss = diffusion_loss(

@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffattr.attribution.base import Queries, Scores
+from diffattr.config import ExperimentConfig, LoraExperimentConfig
 from diffattr.data.dataset import ImageDataset
 from diffattr.data.groups import GroupAssignment, assign_groups
 from diffattr.data.selection import stratified_rows
@@ -171,14 +172,69 @@ def _run_token(state: Any) -> str:
 # ----------------------------------------------------------------------------------- stages
 
 
+def _trainer(cfg: EvalConfig) -> tuple[Any, Callable[[Path], bool]]:
+    """``(trainer, is_done)`` of the evaluated kind of model: the pixel trainer, or the LoRA
+    fine-tune of a fixed base (text-to-image: only the LoRA is retrained)."""
+    if cfg.text_to_image:
+        from diffattr.diffusion.lora_trainer import is_lora_trained, train_lora
+
+        return train_lora, is_lora_trained
+    from diffattr.diffusion.trainer import is_trained, train_model
+
+    return train_model, is_trained
+
+
+BASE_DIR = "base"
+
+
+def _resolve_base(cfg: EvalConfig, out: Path, sync: _Sync, progress: bool) -> EvalConfig:
+    """Train (or reuse) the ``base`` section's model in ``out/base`` and point a ``base_model:
+    base`` experiment at it; other configs come back unchanged."""
+    from diffattr.evaluation.config import BASE_MARKER
+
+    exp = cfg.experiment
+    if not isinstance(exp, LoraExperimentConfig):
+        return cfg
+    if cfg.base is None or exp.base_model != BASE_MARKER:
+        # A relative base_model: next to the eval YAML, else from the working directory.
+        path = Path(exp.base_model)
+        near = Path(cfg.source).parent / path if cfg.source else path
+        if not path.is_absolute() and not path.exists() and near.exists():
+            return dataclasses.replace(
+                cfg, experiment=dataclasses.replace(exp, base_model=str(near))
+            )
+        return cfg
+    from diffattr.data import load_dataset
+    from diffattr.diffusion.t2i_scratch import MODEL_DIR, train_scratch
+
+    folder = out / BASE_DIR
+    if sync.main:
+        data = load_dataset(cfg.base.data)
+        train_scratch(cfg.base, data, folder, progress=progress, accelerator=None)
+    sync.wait_main("base")
+    return dataclasses.replace(
+        cfg, experiment=dataclasses.replace(exp, base_model=str(folder / MODEL_DIR))
+    )
+
+
 def _full_model(
     cfg: EvalConfig, train: ImageDataset, out: Path, sync: _Sync, progress: bool
 ) -> Any:
     from diffattr.diffusion.model import load_model
-    from diffattr.diffusion.trainer import is_trained, train_model
 
+    train_model, is_trained = _trainer(cfg)
     folder = out / "full_model"
     if sync.main and not is_trained(folder):
+        if cfg.text_to_image:
+            train_model(
+                cfg.experiment,
+                train,
+                folder,
+                accelerator=local_accelerator(cfg.experiment),
+                progress=progress,
+            )
+            sync.wait_main("full_model")
+            return load_model(folder, device=compute_device())
         exp = cfg.experiment
         train_model(
             exp,
@@ -218,6 +274,7 @@ def _training_checkpoints(
             f"checkpoints: training: {out / 'full_model'} kept no training checkpoints (it was "
             "trained before a method asked for them); delete that folder to retrain it"
         )
+    assert isinstance(cfg.experiment, ExperimentConfig)  # TracIn checkpoints: pixel models
     exp = resolve_train_length(cfg.experiment, len(train))
     options = dict(options)
     options["checkpoints"] = [str(path) for _, path in found]
@@ -261,6 +318,8 @@ def _held_out(cfg: EvalConfig, folder: Path, sync: _Sync) -> Queries | None:
             rng = np.random.default_rng(derive_seed(q.seed, "held-out"))
             rows = np.sort(rng.choice(len(test), size=n, replace=False))
         sel = test.select_ids(test.ids[torch.as_tensor(rows)])
+        if sel.captions is not None:  # a text-to-image query is attributed with its caption
+            write_json_atomic(folder / "held_out_prompts.json", list(sel.captions))
         tensors = {"images": sel.images.contiguous(), "ids": sel.ids.contiguous()}
         if sel.labels is not None:
             tensors["labels"] = sel.labels.contiguous()
@@ -270,20 +329,54 @@ def _held_out(cfg: EvalConfig, folder: Path, sync: _Sync) -> Queries | None:
         os.replace(tmp, path)
     sync.wait_main("held_out")
     t = load_file(str(path))
+    prompts_file = folder / "held_out_prompts.json"
     return Queries(
         images=t["images"],
         names=[f"held_out:{int(i)}" for i in t["ids"]],
         labels=t.get("labels"),
+        prompts=json.loads(prompts_file.read_text()) if prompts_file.exists() else None,
     )
 
 
-def _generated(cfg: EvalConfig, model: Any, folder: Path, sync: _Sync, progress: bool) -> Any:
+def query_prompts(cfg: EvalConfig, train: ImageDataset) -> list[str]:
+    """The prompts of the generated queries: ``queries.prompts`` cycled, or training captions
+    drawn with the queries' seed."""
+    q = cfg.queries
+    if q.prompts:
+        return [q.prompts[i % len(q.prompts)] for i in range(q.generated)]
+    if train.captions is None:
+        raise ValueError("queries: a text-to-image model needs prompts or captioned training data")
+    rng = np.random.default_rng(derive_seed(q.seed, "prompts"))
+    rows = rng.choice(len(train), size=q.generated, replace=q.generated > len(train))
+    return [train.captions[int(r)] for r in rows]
+
+
+def _generated(
+    cfg: EvalConfig, model: Any, train: ImageDataset, folder: Path, sync: _Sync, progress: bool
+) -> Any:
     from diffattr.diffusion.sampling import SampleResult, sample
 
-    q, s = cfg.queries, cfg.experiment.sample
+    q = cfg.queries
     if q.generated == 0:
         return None
     gen_dir = folder / "generated"
+    if cfg.text_to_image:
+        if sync.main and not (gen_dir / "sample.json").exists():
+            from diffattr.diffusion.t2i_sampling import sample_text_to_image
+
+            sample_text_to_image(
+                model,
+                query_prompts(cfg, train),
+                seed=derive_seed(q.seed, "generated") % (2**31),
+                num_inference_steps=q.num_inference_steps or 50,
+                guidance_scale=q.guidance_scale,
+                sampler=q.sampler or "ddim",
+                progress=progress,
+            ).save(gen_dir)
+        sync.wait_main("generated")
+        return SampleResult.load(gen_dir)
+    assert isinstance(cfg.experiment, ExperimentConfig)
+    s = cfg.experiment.sample
     if sync.main and not (gen_dir / "sample.json").exists():
         labels = None
         if model.num_classes is not None:
@@ -309,6 +402,7 @@ def _generated_queries(res: Any) -> Queries:
         names=[f"generated:{n}" for n in res.names],
         labels=res.class_labels,
         trajectories=[res.trajectory(i) for i in range(len(res))],
+        prompts=getattr(res, "prompts", None),
     )
 
 
@@ -320,10 +414,14 @@ def _all_queries(sets: dict[str, Queries], conditional: bool) -> Queries:
         if any(q.labels is None for q in qs):
             raise ValueError("a class-conditional model needs labels for every query")
         labels = torch.cat([q.labels for q in qs if q.labels is not None])
+    prompts = None
+    if any(q.prompts is not None for q in qs):
+        prompts = [p for q in qs for p in (q.prompts or [""] * len(q))]
     return Queries(
         images=torch.cat([q.images for q in qs]),
         names=[n for q in qs for n in q.names],
         labels=labels,
+        prompts=prompts,
     )
 
 
@@ -562,6 +660,7 @@ def _counterfactual(
     progress: bool,
 ) -> dict[str, Any]:
     c = cfg.counterfactual
+    assert isinstance(cfg.experiment, ExperimentConfig)  # refused for text-to-image by the config
     folder = out / "counterfactual"
     qnames = [f"generated:{n}" for n in gen.names[: c.queries]]
     removals = cf.plan_removals(
@@ -638,13 +737,12 @@ def evaluate(
     if proc.count > 1 and not torch.cuda.is_available():
         torch.set_num_threads(1)
     out = Path(out)
-    exp = cfg.experiment
-    train = load_dataset(exp.data)
+    train = load_dataset(cfg.experiment.data)
     identity = {
         # Methods may be added to a finished evaluation later; the process count changes nothing.
         "eval_config": cfg.identity(),
         "data_hash": train.data_hash(),
-        "seed": exp.seed,
+        "seed": cfg.experiment.seed,
     }
     token = _run_token(state)
     if proc.index == 0:
@@ -658,6 +756,8 @@ def evaluate(
     sync.wait_main("open")
     open_result_dir(out, EVAL_KIND, identity)
 
+    cfg = _resolve_base(cfg, out, sync, progress)
+    exp = cfg.experiment
     model = _full_model(cfg, train, out, sync, progress)
     model_hash = model.model_hash()
     qdir = out / "queries"
@@ -670,7 +770,7 @@ def evaluate(
     held = _held_out(cfg, qdir, sync)
     if held is not None:
         sets["held_out"] = held
-    gen = _generated(cfg, model, qdir, sync, progress)
+    gen = _generated(cfg, model, train, qdir, sync, progress)
     if gen is not None:
         sets["generated"] = _generated_queries(gen)
 
@@ -692,12 +792,13 @@ def evaluate(
     sync.wait_main("subsets")
     subsets = load_subsets(out / "subsets")
     jobs = subset_jobs(exp, subsets, sub_cfg.seeds_per_subset, out / "models")
-    run_jobs(jobs, train, proc, progress=progress, stack=cfg.stack_models)
-    wait_for_jobs(jobs)
+    trainer, is_done = _trainer(cfg)
+    run_jobs(jobs, train, proc, trainer, is_done, progress=progress, stack=cfg.stack_models)
+    wait_for_jobs(jobs, is_done)
 
     g = cfg.ground_truth
     spec = GroundTruthSpec(
-        timesteps=evenly_spaced_timesteps(g.timesteps, exp.scheduler.num_train_timesteps),
+        timesteps=evenly_spaced_timesteps(g.timesteps, model.num_train_timesteps),
         noise_draws=g.noise_draws,
         seed=g.seed,
         batch_size=g.batch_size,
@@ -759,10 +860,24 @@ def evaluate(
                 )
             )
 
+    custom = None
+    if cfg.customization.enabled:
+        if sync.main:
+            from diffattr.evaluation.customization import run_customization
+
+            assert isinstance(cfg.experiment, LoraExperimentConfig)
+            custom = run_customization(cfg, cfg.experiment.base_model, methods, out, progress)
+        sync.barrier("customization")
+
     ceilings = _ceilings(gt, sets, cfg)
     comparison = None
     if sync.main:
-        comparison = write_comparison(results, out, ceilings, notes=_pass_note(out))
+        notes = _pass_note(out)
+        if custom is not None:
+            from diffattr.evaluation.customization import summary_lines
+
+            notes += summary_lines(custom)
+        comparison = write_comparison(results, out, ceilings, notes=notes)
         write_json_atomic(
             out / "results.json",
             {
@@ -776,6 +891,7 @@ def evaluate(
                 "seed_ceiling": {k: v.to_dict() for k, v in ceilings.items()},
                 # Only with group subsets: other evaluations' results.json stay as they were.
                 **({"group_subsets": group.to_dict(cfg)} if group is not None else {}),
+                **({"customization": custom} if custom is not None else {}),
             },
         )
         record = read_record(out)
@@ -839,8 +955,9 @@ def _group_stage(
     groups = grp.load_groups(folder)
     subsets = load_subsets(folder / "subsets")
     jobs = subset_jobs(cfg.experiment, subsets, g.seeds_per_subset, folder / "models")
-    run_jobs(jobs, train, proc, progress=progress, stack=cfg.stack_models)
-    wait_for_jobs(jobs)
+    trainer, is_done = _trainer(cfg)
+    run_jobs(jobs, train, proc, trainer, is_done, progress=progress, stack=cfg.stack_models)
+    wait_for_jobs(jobs, is_done)
     gt_dir = folder / "ground_truth"
     gt = ground_truth(jobs, len(subsets), g.seeds_per_subset, all_q, spec, gt_dir, proc, progress)
     return GroupEval(groups, subsets, gt, _ceilings(gt, sets, cfg))

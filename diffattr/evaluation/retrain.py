@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffattr.config import ExperimentConfig, resolve_train_length
+from diffattr.config import ExperimentConfig, LoraExperimentConfig, resolve_train_length
 from diffattr.data.dataset import ImageDataset
 from diffattr.evaluation.subsets import SubsetMasks
 from diffattr.repro import derive_seed
@@ -47,7 +47,7 @@ class TrainJob:
     """One model to train: ``cfg`` on the training images whose ids are ``keep_ids``."""
 
     name: str
-    cfg: ExperimentConfig
+    cfg: Any  # ExperimentConfig, or LoraExperimentConfig for a LoRA retrained on a fixed base
     keep_ids: np.ndarray
     out_dir: Path
 
@@ -131,7 +131,7 @@ class LocalAccelerator:
         return tensor
 
 
-def local_accelerator(cfg: ExperimentConfig) -> LocalAccelerator:
+def local_accelerator(cfg: ExperimentConfig | LoraExperimentConfig) -> LocalAccelerator:
     return LocalAccelerator(cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps)
 
 
@@ -145,7 +145,10 @@ def job_name(subset: int, seed_index: int) -> str:
 
 
 def subset_jobs(
-    base: ExperimentConfig, subsets: SubsetMasks, seeds_per_subset: int, models_dir: Path
+    base: ExperimentConfig | LoraExperimentConfig,
+    subsets: SubsetMasks,
+    seeds_per_subset: int,
+    models_dir: Path,
 ) -> list[TrainJob]:
     """The ensemble: ``len(subsets) * seeds_per_subset`` jobs, subset-major order."""
     jobs = []
