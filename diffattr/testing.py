@@ -147,24 +147,9 @@ def tiny_clip_vocab(
 ) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP BPE vocabulary and merge list in which every word of ``words`` is one token (and
     every lowercase letter of them is a token, so other words still tokenize)."""
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    from diffattr.diffusion.t2i_scratch import clip_vocab
 
-    def add(token: str) -> None:
-        vocab.setdefault(token, len(vocab))
-
-    for c in sorted(set("".join(words))):
-        add(c)
-        add(c + "</w>")
-    merges: list[tuple[str, str]] = []
-    for w in words:
-        parts = [*w[:-1], w[-1] + "</w>"]
-        cur = parts[0]
-        for p in parts[1:]:
-            if (cur, p) not in merges:
-                merges.append((cur, p))
-            cur += p
-            add(cur)
-    return vocab, merges
+    return clip_vocab(words)
 
 
 def tiny_t2i_folder(path: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
@@ -183,26 +168,14 @@ def tiny_t2i_folder(path: str | Path, prediction_type: str = "epsilon", seed: in
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
     from transformers.utils import logging as tlog
 
+    from diffattr.diffusion.t2i_scratch import write_tokenizer
+
     path = Path(path)
-    tok_dir = path / "tokenizer"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    vocab, merges = tiny_clip_vocab()
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab, indent=1) + "\n")
-    (tok_dir / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    )
-    # Read back the files just written (the slow-tokenizer pair older transformers loads).
-    read_merges = [
-        tuple(line.split()) for line in (tok_dir / "merges.txt").read_text().splitlines()[1:]
-    ]
-    tokenizer = CLIPTokenizer(
-        vocab=json.loads((tok_dir / "vocab.json").read_text()),
-        merges=cast(Any, read_merges),  # (a, b) pairs: what the tokenizers BPE takes
-        model_max_length=TINY_T2I_MAX_LENGTH,
-    )
+    tokenizer = write_tokenizer(path / "tokenizer", TINY_T2I_WORDS, TINY_T2I_MAX_LENGTH)
+    vocab = tokenizer.get_vocab()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(

@@ -12,7 +12,9 @@ the module as a whole. Nothing is skipped; what the test changes, and why:
   names, so the commands themselves run unchanged (likewise the text-to-image demo's LoRA config,
   :func:`tiny_styles_lora`, and ``configs/eval/t2i-digit-styles.yaml``: its smoke config); ``make demo`` gets
   ``DEMO_ARGS="--retrain --config configs/digits2.yaml"`` (retrain the tiny stand-in instead of
-  featurizing with the shipped demo model, which takes minutes).
+  featurizing with the shipped demo model, which takes minutes); ``diffattr demo
+  --text-to-image`` gets ``--config`` naming the workspace's tiny LoRA config (the demo reads the
+  checkout's otherwise).
 * **make.** ``make test`` would run this test again (recursion): it is checked with
   ``make -n test``. Every ``make`` runs with ``-o .venv/.diffattr-installed -o system-packages``,
   so the test never reinstalls the venv or calls apt-get.
@@ -55,6 +57,7 @@ SHELL_BLOCKS = {"sh", "bash", "shell", "console"}
 # Recipes make must not run inside a test: the venv install and the apt-get of system packages.
 MAKE_OLD = ["-o", ".venv/.diffattr-installed", "-o", "system-packages"]
 DEMO_ARGS = "--retrain --config configs/digits2.yaml"
+T2I_DEMO_CONFIG = "configs/t2i-digit-styles-lora.yaml"  # the workspace's tiny stand-in
 COMMAND_TIMEOUT_S = 300
 
 # A UNet of two plain blocks (no attention: half the featurization time of the attention one),
@@ -355,6 +358,9 @@ def as_run(cmd: Command, ws: dict) -> str:
             return shlex.join(["make", "-n", *MAKE_OLD, *argv[1:]])
         extra = [] if any(w.startswith("DEMO_ARGS=") for w in argv) else [f"DEMO_ARGS={DEMO_ARGS}"]
         return shlex.join(["make", *MAKE_OLD, *argv[1:], *extra])
+    if _subcommand(argv)[:1] == ["demo"] and "--text-to-image" in argv and "--config" not in argv:
+        # The demo reads its LoRA config from the checkout: point it at the tiny stand-in.
+        return f"{text} --config {T2I_DEMO_CONFIG}"
     return text
 
 

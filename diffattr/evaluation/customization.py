@@ -91,6 +91,9 @@ def check_customization(cfg: Any, where: str) -> None:
         if not isinstance(getattr(c, key), int) or getattr(c, key) < 1:
             raise ConfigError(f"{where}.{key}: expected an integer >= 1")
     _train_config(c, where)
+    unknown = sorted(set(c.data) - {f.name for f in dataclasses.fields(DataConfig)})
+    if unknown:
+        raise ConfigError(f"{where}.data: unknown key(s) {unknown}")
 
 
 @dataclass
