@@ -101,8 +101,6 @@ def run_demo(
     Returns the summary that is also written to ``out/summary.json``.
     """
     from diffattr.diffusion.sampling import sample
-    from diffattr.report import ReportRequest, write_report
-    from diffattr.report.render import find_chromium
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -121,20 +119,7 @@ def run_demo(
         )
         generated.save(gen_dir)
         log.info("wrote 16 generated digits and grid.png to %s", gen_dir)
-    result = write_report(
-        ReportRequest(
-            model=out / "model",
-            image=gen_dir / f"{QUERY_INDEX:04d}.png",
-            methods=list(DEMO_METHODS),
-            out=out / "report",
-            groups="class",
-            features_root=out / "features",
-            seed=seed,
-            pdf=find_chromium() is not None,
-            progress=progress,
-            options=DEMO_METHODS,
-        )
-    )
+    result = _report(out, out / "model", DEMO_METHODS, "class", seed, progress)
     summary = _summary(result, seed, model, t_start)
     write_json_atomic(out / "summary.json", summary)
     return summary
@@ -183,8 +168,6 @@ def run_t2i_demo(
     from diffattr.data import load_dataset
     from diffattr.diffusion.lora_trainer import train_lora
     from diffattr.diffusion.t2i_sampling import sample_text_to_image
-    from diffattr.report import ReportRequest, write_report
-    from diffattr.report.render import find_chromium
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -201,24 +184,40 @@ def run_t2i_demo(
             model, T2I_PROMPTS, seed=seed, guidance_scale=1.0, progress=progress
         ).save(gen_dir)
         log.info("wrote %d generated images and grid.png to %s", len(T2I_PROMPTS), gen_dir)
-    result = write_report(
-        ReportRequest(
-            model=out / "lora",
-            image=gen_dir / f"{QUERY_INDEX:04d}.png",
-            methods=list(T2I_DEMO_METHODS),
-            out=out / "report",
-            groups="style",
-            features_root=out / "features",
-            seed=seed,
-            pdf=find_chromium() is not None,
-            progress=progress,
-            options=T2I_DEMO_METHODS,
-        )
-    )
+    result = _report(out, out / "lora", T2I_DEMO_METHODS, "style", seed, progress)
     summary = _summary(result, seed, model, t_start)
     summary["prompt"] = T2I_PROMPTS[QUERY_INDEX]
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _report(
+    out: Path,
+    model_dir: Path,
+    methods: dict[str, dict[str, Any]],
+    groups: str,
+    seed: int,
+    progress: bool,
+) -> Any:
+    """The copyright report of generated image :data:`QUERY_INDEX` in ``out/report``, the
+    methods' folders in ``out/features`` (built there in one pass when missing)."""
+    from diffattr.report import ReportRequest, write_report
+    from diffattr.report.render import find_chromium
+
+    return write_report(
+        ReportRequest(
+            model=model_dir,
+            image=out / "generated" / f"{QUERY_INDEX:04d}.png",
+            methods=list(methods),
+            out=out / "report",
+            groups=groups,
+            features_root=out / "features",
+            seed=seed,
+            pdf=find_chromium() is not None,
+            progress=progress,
+            options=methods,
+        )
+    )
 
 
 def _summary(result: Any, seed: int, model: Any, t_start: float) -> dict[str, Any]:

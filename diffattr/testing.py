@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from diffusers.models.unets.unet_2d import UNet2DModel
@@ -165,13 +165,11 @@ def tiny_t2i_folder(path: str | Path, prediction_type: str = "epsilon", seed: in
         AutoencoderKL,
         DDIMScheduler,
         PNDMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
-    from transformers.utils import logging as tlog
 
-    from diffattr.diffusion.t2i_scratch import write_tokenizer
+    from diffattr.diffusion.t2i_scratch import save_pipeline, write_tokenizer
 
     path = Path(path)
     tokenizer = write_tokenizer(path / "tokenizer", TINY_T2I_WORDS, TINY_T2I_MAX_LENGTH)
@@ -226,23 +224,7 @@ def tiny_t2i_folder(path: str | Path, prediction_type: str = "epsilon", seed: in
             steps_offset=1,
             prediction_type=prediction_type,
         )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,  # type: ignore[arg-type]
-        feature_extractor=None,  # type: ignore[arg-type]
-        requires_safety_checker=False,
-    )
-    bars = tlog.is_progress_bar_enabled()
-    tlog.disable_progress_bar()
-    try:
-        cast(Any, pipe).save_pretrained(str(path), safe_serialization=True)
-    finally:
-        if bars:
-            tlog.enable_progress_bar()
+    save_pipeline(path, unet, vae, text_encoder, tokenizer, scheduler)
     if prediction_type == "epsilon":  # SD 1.5's config says so too (PNDM never clips)
         cfg_path = path / "scheduler" / "scheduler_config.json"
         cfg = json.loads(cfg_path.read_text())

@@ -193,7 +193,7 @@ def vae_images(cfg: ScratchConfig, train_set: ImageDataset) -> torch.Tensor:
 
 def build_init(cfg: ScratchConfig, train_set: ImageDataset, folder: Path, progress: bool) -> Path:
     """Step 1 of the module docstring: ``folder`` as a pipeline with a trained VAE."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     if (folder / "model_index.json").is_file():
         return folder
@@ -213,6 +213,24 @@ def build_init(cfg: ScratchConfig, train_set: ImageDataset, folder: Path, progre
         steps_offset=1,
         prediction_type=cfg.prediction_type,
     )
+    save_pipeline(tmp, unet, vae, text_encoder, tokenizer, scheduler)
+    write_json_atomic(
+        tmp / "vae_training.json",
+        {"steps": len(losses), "final_loss": sum(losses[-50:]) / len(losses[-50:]), "words": words},
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def save_pipeline(
+    folder: Path, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any
+) -> None:
+    """Write the parts as a ``StableDiffusionPipeline.save_pretrained`` folder (safetensors, no
+    safety checker), without transformers' progress bars."""
+    from diffusers import StableDiffusionPipeline
+    from transformers.utils import logging as tlog
+
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -223,14 +241,13 @@ def build_init(cfg: ScratchConfig, train_set: ImageDataset, folder: Path, progre
         feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
-    cast(Any, pipe).save_pretrained(str(tmp), safe_serialization=True)
-    write_json_atomic(
-        tmp / "vae_training.json",
-        {"steps": len(losses), "final_loss": sum(losses[-50:]) / len(losses[-50:]), "words": words},
-    )
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
+    bars = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        cast(Any, pipe).save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        if bars:
+            tlog.enable_progress_bar()
 
 
 def unet_config(cfg: ScratchConfig, init: Path) -> LoraExperimentConfig:
