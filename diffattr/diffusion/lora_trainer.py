@@ -65,7 +65,6 @@ from diffattr.diffusion.trainer import (
     EpochOrder,
     TrainState,
     check_accelerator,
-    checkpoint_dirs,
     draw_micro_batch,
     fetch_batch,
     finish_step,
@@ -74,7 +73,7 @@ from diffattr.diffusion.trainer import (
     open_out_dir,
     read_checkpoint,
     recent_mean,
-    remove_partial_checkpoints,
+    resume_state,
     save_checkpoint,
     write_loss_csv,
 )
@@ -276,13 +275,9 @@ def train_lora(
     params = _trainable(cfg, unet)
     unet.train()
     optimizer = make_optimizer(view, list(params.values()))
-    state = TrainState()
-    if accelerator.is_main_process:
-        remove_partial_checkpoints(out_dir)
-    ckpts = checkpoint_dirs(out_dir)
-    if ckpts:
-        state = _restore(ckpts[-1][1], params, optimizer, accelerator)
-        log.info("%s: resuming from step %d", out_dir, state.step)
+    state = resume_state(
+        out_dir, accelerator, lambda ckpt: _restore(ckpt, params, optimizer, accelerator)
+    )
     wrapped, optimizer = accelerator.prepare(unet, optimizer)
     target = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
 

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,21 @@ def _load_checkpoint(
 # ---------------------------------------------------------------------------------------- train
 
 
+def resume_state(
+    out_dir: Path, accelerator: Any, restore: Callable[[Path], TrainState]
+) -> TrainState:
+    """The state to train from: a fresh one, or ``restore`` of the newest complete checkpoint
+    (partial ones, left by a kill while writing, are removed first by the main process)."""
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(out_dir)
+    ckpts = checkpoint_dirs(out_dir)
+    if not ckpts:
+        return TrainState()
+    state = restore(ckpts[-1][1])
+    log.info("%s: resuming from step %d", out_dir, state.step)
+    return state
+
+
 def learning_rate_at(cfg: ExperimentConfig, step: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based).
 
@@ -440,13 +456,9 @@ def train_model(
     unet.train()
     ema = EMA(unet, cfg.train.ema_decay) if cfg.train.ema_decay else None
     optimizer = make_optimizer(cfg, unet.parameters())
-    state = TrainState()
-    if accelerator.is_main_process:
-        remove_partial_checkpoints(out_dir)
-    ckpts = checkpoint_dirs(out_dir)
-    if ckpts:
-        state = _load_checkpoint(ckpts[-1][1], unet, ema, optimizer, accelerator)
-        log.info("%s: resuming from step %d", out_dir, state.step)
+    state = resume_state(
+        out_dir, accelerator, lambda ckpt: _load_checkpoint(ckpt, unet, ema, optimizer, accelerator)
+    )
     wrapped, optimizer = accelerator.prepare(unet, optimizer)
     target = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
 

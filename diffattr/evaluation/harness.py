@@ -225,22 +225,11 @@ def _full_model(
     train_model, is_trained = _trainer(cfg)
     folder = out / "full_model"
     if sync.main and not is_trained(folder):
-        if cfg.text_to_image:
-            train_model(
-                cfg.experiment,
-                train,
-                folder,
-                accelerator=local_accelerator(cfg.experiment),
-                progress=progress,
-            )
-            sync.wait_main("full_model")
-            return load_model(folder, device=compute_device())
-        exp = cfg.experiment
         train_model(
-            exp,
+            cfg.experiment,
             train,
             folder,
-            accelerator=local_accelerator(exp),
+            accelerator=local_accelerator(cfg.experiment),
             progress=progress,
             keep_checkpoints=_wants_training_checkpoints(cfg),
         )
