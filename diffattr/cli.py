@@ -369,6 +369,12 @@ def cmd_featurize(args: argparse.Namespace) -> int:
     state = _process_group()
     if state is not None:
         model.to(state.device)
+    ensemble = None
+    if args.ensemble:
+        from diffattr.attribution.saved import EnsembleModels
+
+        paths = [p.strip() for p in args.ensemble.split(",") if p.strip()]
+        ensemble = EnsembleModels.load(paths, model.device, args.ensemble_norm)
     fit_into_folders(
         model,
         args.model,
@@ -378,6 +384,7 @@ def cmd_featurize(args: argparse.Namespace) -> int:
         folders,
         progress=not args.quiet,
         accelerator=state,
+        ensemble=ensemble,
     )
     if state is None or state.is_main_process:
         for m in methods:
@@ -683,6 +690,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="[METHOD:]KEY=VALUE",
         help="a method option, for every listed method that has it (METHOD:KEY=VALUE: for one)",
+    )
+    p.add_argument(
+        "--ensemble",
+        default=None,
+        metavar="FOLDER[,FOLDER...]",
+        help="more models of the same training set (e.g. `diffattr train --seed N` runs): each "
+        "method scores with --model and these, scores standardised per query and averaged",
+    )
+    p.add_argument(
+        "--ensemble-norm",
+        default="z",
+        choices=["z", "none"],
+        help="z: standardise each model's scores per query before averaging (default); none: "
+        "average the raw scores (TRAK's sum)",
     )
     _add_lora_arg(p)
     p.set_defaults(func=cmd_featurize)

@@ -179,3 +179,51 @@ def test_a_diffusers_folder_as_embedding_model_is_one_line_error(
     assert f"model={unet} is not a {kind} checkpoint" in message
     assert "a diffusers UNet2DModel" in message and "save_pretrained" in message
     assert ("open_clip:" in message) == (method == "clip")
+
+
+def test_featurize_an_ensemble_then_attribute_with_it(model16, tmp_path, capsys, caplog):
+    """`featurize --ensemble B,C` records the other models; `attribute` scores with all three
+    (each model's d-trak, standardised per query, averaged) and refuses a changed member."""
+    import numpy as np
+
+    from diffattr.attribution.base import Queries, Scores
+    from diffattr.attribution.ensemble import standardise
+    from diffattr.attribution.registry import make_attributor
+    from diffattr.data import load_dataset
+    from diffattr.data.images import load_image, save_image
+    from diffattr.diffusion.model import load_model
+
+    others = []
+    for seed in (1, 2):
+        path = tmp_path / f"m{seed}"
+        save_model(build_model(config_from_dict({**TINY16, "seed": seed})), path)
+        others.append(path)
+    opts = ["--timesteps", "2", "--proj-dim", "64", "--option", "stability=false"]
+    out = tmp_path / "ens"
+    members = ",".join(map(str, others))
+    assert _featurize(model16, out, "--method", "d-trak", *opts, "--ensemble", members) == 0
+    image = tmp_path / "q.png"
+    train = load_dataset(config_from_dict(TINY16).data)
+    save_image(train.images[3], image)
+    scores_dir = tmp_path / "scores"
+    code = main(["-q", "attribute", "--model", str(model16), "--features", str(out),
+                 "--image", str(image), "--out", str(scores_dir)])  # fmt: skip
+    assert code == 0
+    got = Scores.load(scores_dir)
+    q = Queries(images=load_image(image, (1, 16, 16))[None], names=["q.png"])
+    parts = []
+    for path in [model16, *others]:
+        one = make_attributor("d-trak", load_model(path), timesteps=2, proj_dim=64, stability=False)
+        one.fit(train)
+        parts.append(one.score(q).values)
+    want = np.mean([standardise(p) for p in parts], axis=0)
+    np.testing.assert_allclose(got.values, want, atol=1e-5)
+    assert len(got.config["ensemble"]["members"]) == 3
+    # A member retrained since: its hash no longer matches the features.
+    save_model(build_model(config_from_dict({**TINY16, "seed": 7})), others[1])
+    caplog.clear()
+    code = main(["-q", "attribute", "--model", str(model16), "--features", str(out),
+                 "--image", str(image)])  # fmt: skip
+    assert code != 0
+    (message,) = _errors(caplog)
+    assert str(others[1]) in message and "hash" in message and "\n" not in message

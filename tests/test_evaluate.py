@@ -29,6 +29,12 @@ ROOT = Path(__file__).parents[1]
 # sampling trajectory): reported for that query set only. (Unknown names are refused before any
 # work: tests/test_cli_e2e.py.)
 METHODS = ["pixel", "trak", "trak-tuned", "tracin", "journey-trak", "broken"]
+# Model ensembles of trak (diffattr.evaluation.ensembles): their members are trained by the run.
+ENSEMBLES = {
+    "trak-seeds2": {"kind": "seeds", "size": 2},
+    "trak-subsets2": {"kind": "subsets", "size": 2},
+    "trak-ckpt3": {"kind": "checkpoints", "size": 3, "every": 10, "norm": "none"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +42,8 @@ def smoke(tmp_path_factory) -> Path:
     """The shipped smoke config plus the "broken" entry."""
     cfg = yaml.safe_load((ROOT / "configs" / "eval" / "digits2-smoke.yaml").read_text())
     cfg["methods"]["broken"] = {"method": "trak", "timestep_values": [5000], "proj_dim": 64}
+    for name, ens in ENSEMBLES.items():
+        cfg["methods"][name] = {**cfg["methods"]["trak"], "method": "trak", "ensemble": ens}
     path = tmp_path_factory.mktemp("config") / "smoke.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -49,7 +57,7 @@ def run(tmp_path_factory, smoke):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return evaluate(smoke, METHODS, out, progress=False)
+        return evaluate(smoke, METHODS + list(ENSEMBLES), out, progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -74,9 +82,13 @@ def test_outputs_and_failed_method_reported(run):
     # trak and trak-tuned read one loss-gradient store, filled in the shared pass before any
     # method ran; "broken" was left out of it (its failure is the method's own, above), tracin
     # differentiates the training checkpoints (other models) in its own fit.
+    # The ensembles' members' stores too: one per model: full, the second seed, two subset
+    # models and two checkpoints; the checkpoint run's final model is the full model (same config
+    # and seed, retrained bit for bit), so trak, trak-seeds2 and trak-ckpt3 share its store.
     shared = json.loads((out / "work" / "featurize_pass.json").read_text())
-    assert shared["methods"] == ["trak", "trak-tuned"]
-    assert len(shared["stores"]) == 1 and shared["stores"][0].startswith("loss-grads-")
+    assert shared["methods"] == ["trak", "trak-tuned", *ENSEMBLES]
+    assert len(shared["stores"]) == 6
+    assert all(s.startswith("loss-grads-") for s in shared["stores"])
     assert "one shared featurization pass" in (out / "comparison.md").read_text()
     assert run.ground_truth.losses.shape == (4, 8)
     assert run.query_names["held_out"][0].startswith("held_out:")
@@ -146,6 +158,52 @@ def test_tracin_uses_the_full_models_training_checkpoints(run, smoke):
         direct = direct + lr * one.score(held).values
     np.testing.assert_allclose(saved.values, direct, rtol=1e-4, atol=1e-7)
     assert full.model_hash() == run.model_hash
+
+
+def test_ensembles_combine_their_members_scores(run, smoke):
+    from diffattr.attribution.ensemble import standardise
+    from diffattr.attribution.registry import make_attributor
+
+    cfg = load_eval_config(smoke)
+    train = load_dataset(cfg.experiment.data)
+    held = Queries(
+        images=_held_images(run),
+        names=Scores.load(run.out / "scores" / "trak" / "held_out").query_names,
+    )
+    ens = run.out / "ensembles"
+    subsets = load_subsets(run.out / "subsets")
+    members = {
+        "trak-seeds2": [run.out / "full_model", *sorted(ens.glob("seeds-*/member-001"))],
+        "trak-subsets2": sorted(ens.glob("subsets-*/member-00[01]")),
+        "trak-ckpt3": [
+            *ens.glob("checkpoints-*/run"),
+            *ens.glob("checkpoints-*/run/checkpoints/step-000020"),
+            *ens.glob("checkpoints-*/run/checkpoints/step-000010"),
+        ],
+    }
+    for name, folders in members.items():
+        assert len(folders) == ENSEMBLES[name]["size"], name
+        models = [load_model(f) for f in folders]
+        assert len({m.model_hash() for m in models}) == len(models)
+        saved = Scores.load(run.out / "scores" / name / "held_out")
+        assert saved.config["ensemble"]["members"] == [m.model_hash() for m in models]
+        parts = []
+        for m in models:
+            one = make_attributor("trak", m, timesteps=4, proj_dim=64, batch_size=16)
+            one.fit(train)
+            parts.append(one.score(held).values.astype(np.float64))
+        if ENSEMBLES[name].get("norm") == "none":
+            want = np.mean(parts, axis=0)
+        else:
+            want = np.mean([standardise(p) for p in parts], axis=0)
+        np.testing.assert_allclose(saved.values, want, rtol=1e-4, atol=1e-5)
+        if name == "trak-subsets2":
+            # Half of the training images each, never one of the ground truth's subsets.
+            for f in folders:
+                kept = set(read_record(f)["train_ids"])
+                assert len(kept) == len(train) // 2
+                assert all(kept != set(subsets.ids(m).tolist()) for m in range(len(subsets)))
+    assert "trak-seeds2" in (run.out / "comparison.md").read_text()
 
 
 def _held_images(run) -> torch.Tensor:

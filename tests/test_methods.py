@@ -191,6 +191,19 @@ def test_trak_and_dtrak_match_closed_form(
         close(s.halves[h], kernel(ph, qh, 0.05))
 
 
+@pytest.mark.parametrize("name, output", [("trak", "loss"), ("d-trak", "square")])
+def test_normalize_option_unit_normalises_each_sample(model, train, queries, name, output) -> None:
+    """``normalize: true`` (DAS's per-sample, per-timestep normalisation) on trak / d-trak."""
+    ts = [10, 60]
+    a = make_attributor(name, model, timestep_values=ts, lam=0.05, normalize=True, **BASE)
+    a.fit(train)
+    phi = ref_features(model, train.images, train.ids.tolist(), ts, output, normalize=True)
+    q = ref_features(model, queries.images, qids(queries), ts, output, normalize=True)
+    close(a.score(queries).values, kernel(phi, q, 0.05))
+    with pytest.raises(ValueError, match="normalize"):
+        make_attributor(name, model, normalize="yes")
+
+
 def test_query_budget_is_its_own(model, train, queries) -> None:
     """Query features average query_timesteps x query_num_noise samples; training ones do not."""
     a = make_attributor(

@@ -8,6 +8,7 @@ scores) for every registered method."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def test_every_method_on_a_text_to_image_lora_model(name, model, train, queries,
             attr.score(bare)
 
 
-def test_gradient_methods_differentiate_only_the_lora_by_default(model, train) -> None:
+def test_gradient_methods_differentiate_only_the_lora_by_default(model, train, folders) -> None:
     a = make_attributor("d-trak", model, None, **fast_options("d-trak"))
     args = a.train_args()  # type: ignore[attr-defined]
     assert args.params == ["lora"]
@@ -149,8 +150,21 @@ def test_gradient_methods_differentiate_only_the_lora_by_default(model, train) -
     assert kv and all(
         n.endswith(("attn2.to_k.base_layer.weight", "attn2.to_v.base_layer.weight")) for n in kv
     )
+    # Unlearning, by default, undoes the fine-tune where it happened: the LoRA here; the keys
+    # and values of a model that is no fine-tune; what a tuned pipeline's record says it tuned.
     un = make_attributor("unlearn", model, None, **fast_options("unlearn"))
-    assert un.options.patterns(model) == ["cross-attn-kv"]  # type: ignore[attr-defined]
+    assert un.options.patterns(model) == ["lora"]  # type: ignore[attr-defined]
+    base = load_model(folders["base"])
+    assert un.options.patterns(base) == ["cross-attn-kv"]  # type: ignore[attr-defined]
+    record = {"kind": "text-to-image-lora", "tune": "all"}
+    (folders["base"] / "diffattr.json").write_text(json.dumps(record))
+    try:
+        assert un.options.patterns(load_model(folders["base"])) is None  # every weight
+        record["tune"] = ["up_blocks.*"]
+        (folders["base"] / "diffattr.json").write_text(json.dumps(record))
+        assert un.options.patterns(load_model(folders["base"])) == ["up_blocks.*"]
+    finally:
+        (folders["base"] / "diffattr.json").unlink()
 
 
 def _rows(model, train: ImageDataset, t: int):

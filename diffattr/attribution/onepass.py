@@ -180,9 +180,9 @@ def featurize_for(
     on_error: Callable[[Any, Exception], None] | None = None,
 ) -> list[tuple[Any, list[Path]]]:
     """Fill, one pass per model, the gradient feature stores the ``attributors`` will read when
-    they ``fit(train)`` (those with a ``store_requests`` hook; others are left alone), so fitting
-    them afterwards only loads their stores. Returns each attributor that had stores filled,
-    with their folders.
+    they ``fit(train)`` (those with a ``store_requests`` hook, and the members of an ensemble;
+    others are left alone), so fitting them afterwards only loads their stores. Returns each
+    attributor that had stores filled, with their folders.
 
     ``on_error(attributor, exc)``: given, an attributor whose stores cannot be described (bad
     options) is reported to it and left out (its ``fit`` raises the same error later); without
@@ -190,23 +190,30 @@ def featurize_for(
     by_model: dict[int, tuple[Any, dict[Path, StoreRequest]]] = {}
     filled: list[tuple[Any, list[Path]]] = []
     for a in attributors:
-        hook = getattr(a, "store_requests", None)
-        if hook is None:
+        # An ensemble (diffattr.attribution.ensemble) fills the stores of each member's model.
+        leaves = [m for m in getattr(a, "members", [a]) if hasattr(m, "store_requests")]
+        if not leaves:
             continue
         try:
-            requests = hook(train)
-            for r in requests:
-                _timesteps(a.model, r.args)
+            per_leaf = []
+            for leaf in leaves:
+                requests = leaf.store_requests(train)
+                for r in requests:
+                    _timesteps(leaf.model, r.args)
+                per_leaf.append((leaf.model, requests))
         except Exception as exc:
             if on_error is None:
                 raise
             on_error(a, exc)
             continue
-        for r in requests:
-            # A folder's name holds a hash of its settings: one folder, one request.
-            by_model.setdefault(id(a.model), (a.model, {}))[1].setdefault(Path(r.out), r)
-        if requests:
-            filled.append((a, [Path(r.out) for r in requests]))
+        folders = []
+        for model, requests in per_leaf:
+            for r in requests:
+                # A folder's name holds a hash of its settings: one folder, one request.
+                by_model.setdefault(id(model), (model, {}))[1].setdefault(Path(r.out), r)
+                folders.append(Path(r.out))
+        if folders:
+            filled.append((a, folders))
     for model, unique in by_model.values():
         featurize_many(model, train, list(unique.values()), accelerator, progress)
     return filled

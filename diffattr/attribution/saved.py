@@ -17,6 +17,7 @@ from typing import Any
 
 from diffattr.attribution.base import Attributor
 from diffattr.attribution.conditioning import pixel_shape
+from diffattr.attribution.ensemble import make_ensemble
 from diffattr.attribution.onepass import featurize_for
 from diffattr.attribution.registry import make_attributor, make_options
 from diffattr.data.dataset import ImageDataset
@@ -63,10 +64,14 @@ def fit_into_folders(
     folders: Mapping[str, str | Path],
     progress: bool = True,
     accelerator: Any = None,
+    ensemble: EnsembleModels | None = None,
 ) -> dict[str, Attributor]:
     """:func:`fit_into_folder` for several methods (``methods``: name -> options, ``folders``:
     name -> its folder), their gradient feature stores filled in one pass over the training set
     (:func:`~diffattr.attribution.onepass.featurize_for`) before each method fits.
+
+    ``ensemble``: more models of the same training set; each method then scores with ``model``
+    and these (:mod:`diffattr.attribution.ensemble`), and its folder records them.
 
     With an ``accelerator`` of several processes (``accelerate launch`` / ``torchrun``), the
     pass's shards are split between the processes; only the main process then fits the methods
@@ -88,6 +93,7 @@ def fit_into_folders(
                     train,
                     Path(folders[method]),
                     progress,
+                    ensemble,
                 )
         if accelerator is not None:
             accelerator.wait_for_everyone()
@@ -121,28 +127,53 @@ def prepare_folder(
     train: ImageDataset,
     out: Path,
     progress: bool = True,
+    ensemble: EnsembleModels | None = None,
 ) -> Attributor:
     """Create (or check) ``method``'s attributor folder ``out`` and return the attributor,
     not yet fitted, working in it. Options that do not fit the model (parameter patterns that
     match nothing) are refused before the folder is written."""
     full = resolved_options(method, options)
-    attributor = make_attributor(method, model, work_dir=out, progress=progress, **full)
+    attributor: Any = make_attributor(method, model, work_dir=out, progress=progress, **full)
     check = getattr(attributor, "check_options", None)
     if check is not None:
         check()
-    open_result_dir(
-        out,
-        kind=ATTRIBUTOR_KIND,
-        identity={
-            "method": method,
-            "options": full,
-            "data": data_config,
-            "data_hash": train.data_hash(),
-            "model_hash": model.model_hash(),
-        },
-        extra={"model_path": str(model_path)},
-    )
+    identity = {
+        "method": method,
+        "options": full,
+        "data": data_config,
+        "data_hash": train.data_hash(),
+        "model_hash": model.model_hash(),
+    }
+    extra: dict[str, Any] = {"model_path": str(model_path)}
+    if ensemble is not None:
+        identity["ensemble"] = {"model_hashes": ensemble.hashes, "norm": ensemble.norm}
+        extra["ensemble_paths"] = [str(p) for p in ensemble.paths]
+        models = [model, *ensemble.models]
+        attributor = make_ensemble(
+            method, models, work_dir=out, progress=progress, norm=ensemble.norm, **full
+        )
+    open_result_dir(out, kind=ATTRIBUTOR_KIND, identity=identity, extra=extra)
     return attributor
+
+
+@dataclasses.dataclass
+class EnsembleModels:
+    """The other models of an ensemble (the first is the attributor's own model): loaded
+    ``models``, the folders they came from (``paths``) and how scores combine (``norm``)."""
+
+    models: list[Any]
+    paths: list[Path]
+    norm: str = "z"
+
+    @property
+    def hashes(self) -> list[str]:
+        return [m.model_hash() for m in self.models]
+
+    @classmethod
+    def load(cls, paths: list[str | Path], device: Any, norm: str = "z") -> EnsembleModels:
+        from diffattr.diffusion.model import load_model
+
+        return cls([load_model(p, device=device) for p in paths], [Path(p) for p in paths], norm)
 
 
 def open_folder(
@@ -174,8 +205,36 @@ def open_folder(
     train = load_dataset(DataConfig(**ident["data"]))
     if train.data_hash() != ident["data_hash"]:
         raise MismatchError(f"{folder}: the training data changed since featurization")
-    attributor = make_attributor(
-        ident["method"], model, work_dir=folder, progress=progress, **ident["options"]
-    )
+    attributor: Any
+    if "ensemble" in ident:
+        members = _ensemble_members(folder, record, model)
+        attributor = make_ensemble(
+            ident["method"],
+            [model, *members.models],
+            work_dir=folder,
+            progress=progress,
+            norm=members.norm,
+            **ident["options"],
+        )
+    else:
+        attributor = make_attributor(
+            ident["method"], model, work_dir=folder, progress=progress, **ident["options"]
+        )
     attributor.fit(train)
     return attributor, train
+
+
+def _ensemble_members(folder: Path, record: dict[str, Any], model: Any) -> EnsembleModels:
+    """The recorded ensemble's other models, each checked against its recorded hash."""
+    ens = record["identity"]["ensemble"]
+    paths = record.get("extra", {}).get("ensemble_paths") or []
+    if len(paths) != len(ens["model_hashes"]):
+        raise MismatchError(f"{folder}: the record names {len(paths)} ensemble model folders")
+    members = EnsembleModels.load(paths, model.device, ens["norm"])
+    for path, want, got in zip(paths, ens["model_hashes"], members.hashes, strict=True):
+        if got != want:
+            raise MismatchError(
+                f"{folder}: ensemble model {path} has hash {got[:12]}, but the features were "
+                f"made with {want[:12]}"
+            )
+    return members

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -28,6 +30,27 @@ PARAM_GROUPS: dict[str, list[str] | None] = {
         for part in ("weight", "bias", "base_layer.weight", "base_layer.bias")
     ],
 }
+
+
+def fine_tuned_params(model: Any) -> str | list[str] | None:
+    """What a fine-tune of ``model`` changed, as a ``params`` value: ``"lora"`` when a LoRA is
+    loaded on its UNet; for a pipeline folder written by the fine-tuning trainer with ``tune``
+    other than ``lora`` (a group name or patterns), that ``tune``; None for any other model (not
+    a fine-tune, or nothing recorded)."""
+    from diffattr.repro import read_record
+
+    if any(".lora_A." in n for n, _ in model.unet.named_parameters()):
+        return "lora"
+    folder = getattr(model, "base_path", None)
+    if folder is None or not (Path(folder) / "diffattr.json").is_file():
+        return None
+    try:
+        tune = read_record(folder).get("tune")
+    except (OSError, ValueError):
+        return None
+    if isinstance(tune, str) or (isinstance(tune, list) and tune):
+        return tune
+    return None
 
 
 def select_params(

@@ -48,6 +48,7 @@ from diffattr.config import (
     lora_config_from_dict,
     scratch_config_from_dict,
 )
+from diffattr.evaluation.ensembles import EnsembleSpec
 
 #: ``experiment.base_model`` of a LoRA experiment whose base the ``base`` section trains.
 BASE_MARKER = "base"
@@ -210,7 +211,16 @@ class EvalConfig:
         options = self.method_options(name)
         method = str(options.pop("method", name))
         grid = lambda_grid(options.pop("lambda_grid", None), f"methods.{name}")
+        options.pop("ensemble", None)
         return method, options, grid
+
+    def method_ensemble(self, name: str) -> EnsembleSpec | None:
+        """The entry's ``ensemble:`` (the harness's, not the method's: which models score), or
+        None for a single-model method."""
+        raw = self.method_options(name).get("ensemble")
+        if raw is None:
+            return None
+        return EnsembleSpec.from_dict(raw, f"methods.{name}.ensemble")
 
 
 # group_subsets: its own identity in out/group_subsets (see GroupSubsetsConfig).

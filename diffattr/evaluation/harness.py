@@ -54,6 +54,9 @@ from diffattr.evaluation import counterfactual as cf
 from diffattr.evaluation import groups as grp
 from diffattr.evaluation.compare import MethodResult, write_comparison
 from diffattr.evaluation.config import EvalConfig, load_eval_config
+from diffattr.evaluation.ensembles import EnsembleSpec, ensemble_jobs
+from diffattr.evaluation.ensembles import job_trainer as ensemble_trainer
+from diffattr.evaluation.ensembles import member_folders as ensemble_folders
 from diffattr.evaluation.ground_truth import (
     GroundTruth,
     GroundTruthSpec,
@@ -284,6 +287,11 @@ def check_methods(cfg: EvalConfig, methods: list[str], where: str | Path) -> Non
             options.pop("learning_rates", None)
         try:
             make_options(method, **options)
+            if cfg.method_ensemble(name) is not None and cfg.text_to_image:
+                raise OptionError(
+                    "ensemble: model ensembles are built for pixel-space experiments; a LoRA "
+                    "experiment has none"
+                )
         except OptionError as exc:
             raise OptionError(f"{where}: methods.{name}: {exc}") from None
 
@@ -428,8 +436,6 @@ def _run_method(
     progress: bool,
 ) -> None:
     """Fit and score ``name`` (process 0); records timings, or the failure with its traceback."""
-    from diffattr.attribution.registry import make_attributor
-
     folder = _method_dir(out, name)
     if _scored(folder, sets):
         return
@@ -452,13 +458,7 @@ def _run_method(
                 "queries": {k: v.names for k, v in sets.items()},
             },
         )
-        options = _training_checkpoints(options, cfg, train, out)
-        # One work folder for every method: stores are named by what they hold, so methods
-        # computing the same features (trak, grad-dot, grad-cos, ekfac, kfac: loss gradients;
-        # ekfac and kfac: the GGN factors) compute them once.
-        attributor = make_attributor(
-            method, model, work_dir=out / "work", progress=progress, **options
-        )
+        attributor = _make_method(name, cfg, model, train, out, progress)
         if grid and not hasattr(attributor, "score_lambda_path"):
             raise ValueError(f"lambda_grid: {method} has no TRAK ridge to sweep")
         t0 = time.perf_counter()
@@ -494,6 +494,60 @@ def _run_method(
         write_json_atomic(folder / "failed.json", _failure(exc))
 
 
+def _make_method(
+    name: str, cfg: EvalConfig, model: Any, train: ImageDataset, out: Path, progress: bool
+) -> Any:
+    """The attributor of entry ``name``: its method on the full model, or on each model of its
+    ensemble (trained by :func:`_ensemble_stage`)."""
+    from diffattr.attribution.ensemble import make_ensemble
+    from diffattr.attribution.registry import make_attributor
+    from diffattr.diffusion.model import load_model
+
+    method, options, _ = cfg.method_spec(name)
+    options = _training_checkpoints(options, cfg, train, out)
+    # One work folder for every method: stores are named by what they hold (and the model's
+    # hash), so methods computing the same features (trak, grad-dot, grad-cos, ekfac, kfac: loss
+    # gradients; ekfac and kfac: the GGN factors) compute them once.
+    spec = cfg.method_ensemble(name)
+    if spec is None:
+        return make_attributor(method, model, work_dir=out / "work", progress=progress, **options)
+    reference = out / "full_model"
+    folders = ensemble_folders(spec, out / ENSEMBLE_DIR / spec.folder_name(), reference)
+    models = [model if f == reference else load_model(f, device=compute_device()) for f in folders]
+    return make_ensemble(
+        method, models, work_dir=out / "work", progress=progress, norm=spec.norm, **options
+    )
+
+
+ENSEMBLE_DIR = "ensembles"
+
+
+def _ensemble_stage(
+    cfg: EvalConfig,
+    methods: list[str],
+    train: ImageDataset,
+    out: Path,
+    proc: ProcessInfo,
+    progress: bool,
+) -> None:
+    """Train the models of every ensemble the ``methods`` ask for (each kind's folder once, at
+    the largest size asked), shared between the processes, then wait for all of them."""
+    largest: dict[str, EnsembleSpec] = {}
+    for name in methods:
+        spec = cfg.method_ensemble(name)
+        if spec is None:
+            continue
+        key = spec.folder_name()
+        if key not in largest or spec.size > largest[key].size:
+            largest[key] = spec
+    exp = cfg.experiment
+    assert isinstance(exp, ExperimentConfig)  # refused for LoRA experiments by check_methods
+    for key, spec in largest.items():
+        jobs = ensemble_jobs(spec, exp, train.ids.numpy(), out / ENSEMBLE_DIR / key)
+        run_jobs(jobs, train, proc, ensemble_trainer(spec), progress=progress)
+        wait_for_jobs(jobs)
+
+
 PASS_RECORD = "featurize_pass.json"
 
 
@@ -519,16 +573,13 @@ def _featurize_stage(
     the seconds it took go to ``work/featurize_pass.json`` (each method's fit time then excludes
     them). A method that cannot be built is left to :func:`_run_method`, which records why."""
     from diffattr.attribution.onepass import featurize_for
-    from diffattr.attribution.registry import make_attributor
 
     todo, attributors = [], []
     for name in methods:
         if _scored(_method_dir(out, name), sets):
             continue
         try:
-            method, options, _ = cfg.method_spec(name)
-            options = _training_checkpoints(options, cfg, train, out)
-            attributors.append(make_attributor(method, model, work_dir=out / "work", **options))
+            attributors.append(_make_method(name, cfg, model, train, out, progress=False))
             todo.append(name)
         except Exception as exc:  # recorded with its traceback when the method runs
             log.info("method %s is not in the shared featurization pass: %s", name, exc)
@@ -784,6 +835,7 @@ def evaluate(
     trainer, is_done = _trainer(cfg)
     run_jobs(jobs, train, proc, trainer, is_done, progress=progress, stack=cfg.stack_models)
     wait_for_jobs(jobs, is_done)
+    _ensemble_stage(cfg, methods, train, out, proc, progress)
 
     g = cfg.ground_truth
     spec = GroundTruthSpec(

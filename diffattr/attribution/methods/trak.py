@@ -34,7 +34,17 @@ from diffattr.data.dataset import ImageDataset
 
 @dataclass
 class TrakOptions(KernelOptions):
-    """TRAK options: the shared gradient options plus the kernel ridge (``lam``)."""
+    """TRAK options: the shared gradient options plus the kernel ridge (``lam``) and
+    ``normalize``: unit-normalise every per-sample, per-timestep gradient before averaging over the
+    samples (DAS's released code does; no ablation of it was published). None: the method's own
+    choice (off for trak and d-trak, on for das)."""
+
+    normalize: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize: expected true, false or null, got {self.normalize!r}")
 
 
 class TrakKernelAttributor(FeatureAttributor):
@@ -51,9 +61,14 @@ class TrakKernelAttributor(FeatureAttributor):
     def output_name(self) -> str:
         return self.output
 
+    def normalized(self) -> bool:
+        """Are per-sample gradients unit-normalised (the option, else the method's choice)?"""
+        chosen = getattr(self.options, "normalize", None)
+        return self.normalize if chosen is None else bool(chosen)
+
     def train_args(self) -> FeaturizeArgs:
         return make_featurize_args(
-            self.options, self.model, self.output_name(), self.name, normalize=self.normalize
+            self.options, self.model, self.output_name(), self.name, normalize=self.normalized()
         )
 
     def build(self, train_feats: Tensor, train: ImageDataset, part: int | None) -> Scorer:

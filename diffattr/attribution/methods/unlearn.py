@@ -71,6 +71,7 @@ from diffattr.attribution.store import fill_store
 from diffattr.attribution.timesteps import noise_for
 from diffattr.data.dataset import ImageDataset
 from diffattr.diffusion.model import diffusion_loss, eval_mode
+from diffattr.diffusion.params import fine_tuned_params
 from diffattr.repro import derive_seed, to_jsonable
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,13 @@ PARAM_PRESETS: dict[str, list[str] | None] = {
     "lora": ["lora"],
     "cross-attn-kv": ["cross-attn-kv"],
 }
-#: ``params="auto"``: the cross-attention key and value projections where the UNet has them (a
-#: text-to-image model: where the paper unlearns), else the up-blocks (measured best on digits-2).
+#: ``params="auto"``: on a fine-tuned model, what the fine-tune changed (its LoRA, or the
+#: weights its ``tune`` named: unlearning the query there undoes what the fine-tune learnt; on
+#: the customization benchmark, unlearning the keys and values of a model whose every weight was
+#: tuned ranked the exemplar 225th / 300th where ``all`` ranked it 1st / 103rd,
+#: docs/t2i-evaluation.md); otherwise the cross-attention key and value projections where the
+#: UNet has them (a text-to-image model: where the paper unlearns), else the up-blocks (measured
+#: best on digits-2).
 AUTO_PARAMS = {"cross-attention": "cross-attn-kv", "none": "up-blocks"}
 
 
@@ -180,13 +186,17 @@ class UnlearnOptions:
             )
 
     def patterns(self, model: Any) -> list[str] | None:
-        """The fnmatch patterns (or group names) of ``params`` for ``model`` (``auto``:
-        :data:`AUTO_PARAMS` by the model's kind)."""
+        """The fnmatch patterns (or group names) of ``params`` for ``model`` (``auto``: what a
+        fine-tune changed, else :data:`AUTO_PARAMS` by the model's kind)."""
         params = self.params
         if params == "auto":
             cross = any(".attn2." in n for n, _ in model.unet.named_parameters())
-            params = AUTO_PARAMS["cross-attention" if cross else "none"]
-        return PARAM_PRESETS[params] if isinstance(params, str) else list(params)
+            tuned = fine_tuned_params(model)
+            params = AUTO_PARAMS["cross-attention" if cross else "none"] if tuned is None else tuned
+        if isinstance(params, str):
+            # A trainer's `tune` may be a group name the presets lack: select_params knows it.
+            return PARAM_PRESETS.get(params, [params])
+        return list(params)
 
     def grid(self, num_train_timesteps: int) -> list[int]:
         """The scoring timesteps: ``timesteps`` evenly spaced in ``[t_min, T)`` (all if fewer)."""
