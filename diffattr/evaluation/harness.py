@@ -540,6 +540,8 @@ def _ensemble_stage(
         key = spec.folder_name()
         if key not in largest or spec.size > largest[key].size:
             largest[key] = spec
+    if not largest:
+        return
     exp = cfg.experiment
     assert isinstance(exp, ExperimentConfig)  # refused for LoRA experiments by check_methods
     for key, spec in largest.items():
