@@ -270,6 +270,13 @@ def _score(
     in ``folder``, reused when there)."""
     from diffattr.attribution.registry import make_attributor
 
+    # The entry as written and the customized model decide the scores (the harness's rule):
+    # another entry under the same name is refused, not silently served old scores.
+    open_result_dir(
+        folder,
+        "eval-customization-scores",
+        {"method": name, "options": cfg.method_options(name), "model_hash": model.model_hash()},
+    )
     timing = folder / "timing.json"
     if timing.exists() and (folder / "scores.json").exists():
         import json
