@@ -227,3 +227,20 @@ def test_featurize_an_ensemble_then_attribute_with_it(model16, tmp_path, capsys,
     assert code != 0
     (message,) = _errors(caplog)
     assert str(others[1]) in message and "hash" in message and "\n" not in message
+
+
+def test_a_folder_from_before_an_option_existed_still_reopens(model16, tmp_path, caplog):
+    """A feature folder recorded before `normalize` existed (its options lack the key) is the
+    same as one at the new option's default: featurizing into it again resumes; asking for
+    another value is refused."""
+    out = tmp_path / "old"
+    opts = ["--method", "d-trak", "--timesteps", "2", "--proj-dim", "64"]
+    assert _featurize(model16, out, *opts) == 0
+    record = json.loads((out / "diffattr.json").read_text())
+    del record["identity"]["options"]["normalize"]
+    (out / "diffattr.json").write_text(json.dumps(record))
+    assert _featurize(model16, out, *opts) == 0
+    caplog.clear()
+    assert _featurize(model16, out, *opts, "--option", "normalize=true") != 0
+    (message,) = _errors(caplog)
+    assert "normalize" in message

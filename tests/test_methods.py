@@ -501,3 +501,23 @@ def test_das_residuals_are_stored_beside_the_features(model, train, queries, tmp
     finally:
         model.eps = forward
     np.testing.assert_array_equal(b.score(queries).values, first)
+
+
+def test_t_max_spaces_timesteps_evenly_in_the_band(model, train, queries) -> None:
+    from diffattr.attribution.methods.common import GradientOptions
+
+    band = GradientOptions(timesteps=80, t_min=None, t_max=550).timestep_policy(1000).timesteps()
+    assert band == [100 + (i * 450) // 80 for i in range(80)]
+    half = GradientOptions(timesteps=40, t_min=None, t_max=550).timestep_policy(1000).timesteps()
+    assert half == band[::2]  # das's 40 are every second of d-trak's 80: one pass forwards both
+    # On the test model (T = 100): the band's features are those of its explicit list.
+    a = make_attributor("d-trak", model, timesteps=4, t_min=20, t_max=60, lam=0.05, **BASE)
+    b = make_attributor("d-trak", model, timestep_values=[20, 30, 40, 50], lam=0.05, **BASE)
+    for x in (a, b):
+        x.fit(train)
+    np.testing.assert_array_equal(a.score(queries).values, b.score(queries).values)
+    for bad in ({"t_min": 60, "t_max": 60}, {"t_max": 500}):
+        with pytest.raises(ValueError, match="t_max"):
+            make_attributor("d-trak", model, timesteps=4, **bad).fit(train)
+    with pytest.raises(ValueError, match="t_max"):
+        make_attributor("d-trak", model, timestep_kind="random", t_max=50)

@@ -139,7 +139,7 @@ def prepare_folder(
         check()
     identity = {
         "method": method,
-        "options": full,
+        "options": _as_recorded(out, method, full),
         "data": data_config,
         "data_hash": train.data_hash(),
         "model_hash": model.model_hash(),
@@ -154,6 +154,25 @@ def prepare_folder(
         )
     open_result_dir(out, kind=ATTRIBUTOR_KIND, identity=identity, extra=extra)
     return attributor
+
+
+def _as_recorded(out: Path, method: str, full: dict[str, Any]) -> dict[str, Any]:
+    """``full`` without the options a folder made by an older version does not record and that
+    are at their default (options added since, e.g. ``normalize``): the folder holds what those
+    defaults give, so it reopens; any other difference is still refused."""
+    try:
+        recorded = read_record(out).get("identity", {}).get("options")
+    except Exception:  # no folder or no record yet: a new folder records every option
+        return full
+    if not isinstance(recorded, dict):
+        return full
+    try:
+        defaults = resolved_options(method, {})
+    except Exception:  # a method with a required option: every option is compared
+        return full
+    return {
+        k: v for k, v in full.items() if k in recorded or k not in defaults or v != defaults[k]
+    }
 
 
 @dataclasses.dataclass

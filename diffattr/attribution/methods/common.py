@@ -115,7 +115,8 @@ def _check_lambda(lam: float | None, lambda_scale: float) -> None:
 class GradientOptions(BaseGradOptions):
     """Plus the timesteps: ``timesteps`` evenly spaced ones in ``[t_min, T)``
     (``timestep_kind="uniform"``) or drawn at random (``"random"``); ``timestep_values`` gives an
-    explicit list instead. ``t_min`` None: ``T // 10``. A schedule with fewer than ``timesteps``
+    explicit list instead. ``t_min`` None: ``T // 10``; ``t_max`` None: ``T`` (else the
+    uniform timesteps lie in ``[t_min, t_max)``). A schedule with fewer than ``timesteps``
     timesteps in ``[t_min, T)`` uses all of them.
 
     Query budget: queries are few, so their features may average more samples than the training
@@ -136,6 +137,7 @@ class GradientOptions(BaseGradOptions):
     timestep_kind: str = "uniform"
     timestep_values: list[int] | None = None
     t_min: int | None = 0
+    t_max: int | None = None
     query_timesteps: int | None = None
     query_num_noise: int | None = None
 
@@ -146,6 +148,10 @@ class GradientOptions(BaseGradOptions):
             isinstance(self.t_min, bool) or not isinstance(self.t_min, int) or self.t_min < 0
         ):
             raise ValueError(f"t_min: expected an int >= 0 or null, got {self.t_min!r}")
+        if self.t_max is not None:
+            check_int(self.t_max, "t_max")
+            if self.timestep_kind != "uniform" or self.timestep_values is not None:
+                raise ValueError("t_max: only with evenly spaced timesteps (timestep_kind uniform)")
         if self.query_timesteps is not None:
             check_int(self.query_timesteps, "query_timesteps")
         if self.query_num_noise is not None:
@@ -168,6 +174,8 @@ class GradientOptions(BaseGradOptions):
         if query and self.query_timesteps is not None:
             count = self.query_timesteps
         t_min = self.first_timestep(num_train_timesteps)
+        if self.t_max is not None:
+            return self._band_policy(num_train_timesteps, t_min, count)
         if self.timestep_kind != "list" and 0 < num_train_timesteps - t_min < count:
             # A short schedule (a test model's T = 100) holds fewer timesteps than the default
             # count: every one of them is the most the option can mean.
@@ -186,6 +194,19 @@ class GradientOptions(BaseGradOptions):
             seed=self.seed,
             num_train_timesteps=num_train_timesteps,
             t_min=t_min,
+        )
+
+    def _band_policy(self, T: int, t_min: int, count: int) -> TimestepPolicy:
+        """``count`` evenly spaced timesteps in ``[t_min, t_max)``, as an explicit list (so stores
+        made without ``t_max`` keep their identities), ``t_min + floor(i (t_max - t_min) /
+        count)``: the uniform rule over the narrower band."""
+        assert self.t_max is not None
+        if not t_min < self.t_max <= T:
+            raise ValueError(f"t_max: {self.t_max} is not in ({t_min}, {T}] (t_min, T)")
+        span = self.t_max - t_min
+        values = sorted({t_min + (i * span) // count for i in range(min(count, span))})
+        return TimestepPolicy(
+            kind="list", count=len(values), values=values, seed=self.seed, num_train_timesteps=T
         )
 
     def first_timestep(self, num_train_timesteps: int) -> int:
