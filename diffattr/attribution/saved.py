@@ -170,9 +170,7 @@ def _as_recorded(out: Path, method: str, full: dict[str, Any]) -> dict[str, Any]
         defaults = resolved_options(method, {})
     except Exception:  # a method with a required option: every option is compared
         return full
-    return {
-        k: v for k, v in full.items() if k in recorded or k not in defaults or v != defaults[k]
-    }
+    return {k: v for k, v in full.items() if k in recorded or k not in defaults or v != defaults[k]}
 
 
 @dataclasses.dataclass
