@@ -99,7 +99,6 @@ class Ensemble:
         self.name = name
         self.members = list(members)
         self.norm = norm
-        self.timing: dict[str, float] = {}
 
     def fit(self, train: ImageDataset) -> None:
         for i, m in enumerate(self.members):

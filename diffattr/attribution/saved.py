@@ -133,10 +133,22 @@ def prepare_folder(
     not yet fitted, working in it. Options that do not fit the model (parameter patterns that
     match nothing) are refused before the folder is written."""
     full = resolved_options(method, options)
-    attributor: Any = make_attributor(method, model, work_dir=out, progress=progress, **full)
-    check = getattr(attributor, "check_options", None)
-    if check is not None:
-        check()
+    attributor: Any
+    if ensemble is None:
+        attributor = make_attributor(method, model, work_dir=out, progress=progress, **full)
+    else:
+        attributor = make_ensemble(
+            method,
+            [model, *ensemble.models],
+            work_dir=out,
+            progress=progress,
+            norm=ensemble.norm,
+            **full,
+        )
+    for one in getattr(attributor, "members", [attributor]):
+        check = getattr(one, "check_options", None)
+        if check is not None:
+            check()
     identity = {
         "method": method,
         "options": _as_recorded(out, method, full),
@@ -148,10 +160,6 @@ def prepare_folder(
     if ensemble is not None:
         identity["ensemble"] = {"model_hashes": ensemble.hashes, "norm": ensemble.norm}
         extra["ensemble_paths"] = [str(p) for p in ensemble.paths]
-        models = [model, *ensemble.models]
-        attributor = make_ensemble(
-            method, models, work_dir=out, progress=progress, norm=ensemble.norm, **full
-        )
     open_result_dir(out, kind=ATTRIBUTOR_KIND, identity=identity, extra=extra)
     return attributor
 
