@@ -7,6 +7,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.diffattr-installed
+# curvlinops (tests/test_curvlinops.py checks our K-FAC / EK-FAC against it) without its
+# backpack-for-pytorch dependency: backpack pulls torchvision, which breaks `import diffusers` on
+# the CPU install, and curvlinops' K-FAC operators do not use it.
+CURVLINOPS := curvlinops-for-pytorch==3.0.1 einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0 \
+  linear_operator==0.6.1 jaxtyping==0.3.11 wadler-lindig==0.1.8
 # Two cores here: never more torch threads than cores (oversubscription costs 3-10x).
 THREADS ?= 2
 export OMP_NUM_THREADS ?= $(THREADS)
@@ -47,11 +52,12 @@ system-packages:
 	  echo "note: not installed: $$missing (skipped: $$skipped); install: sudo apt-get install $$missing"; \
 	fi
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps $(CURVLINOPS)
 	$(BIN)/python scripts/check_env.py
 	touch $(STAMP)
 

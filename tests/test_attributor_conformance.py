@@ -29,6 +29,7 @@ FAST_OPTIONS: dict[str, Any] = {
     "query_draws": 2,
     "step_stride": 2,
     "seed": 1,
+    "factor_passes": 2,
 }
 
 

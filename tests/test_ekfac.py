@@ -342,10 +342,13 @@ def dense_scores(
     return out
 
 
-@pytest.mark.parametrize("method", ["ekfac", "kfac"])
+@pytest.mark.parametrize("method", ["ekfac", "kfac", "ggn"])
 def test_exact_copy_ranks_first(train, method: str) -> None:
     model = tiny_model(num_train_timesteps=100)
-    attr = make_attributor(method, model, None, timesteps=10, proj_dim=512, batch_size=16, seed=1)
+    passes = {"factor_passes": 20} if method == "ggn" else {}
+    attr = make_attributor(
+        method, model, None, timesteps=10, proj_dim=512, batch_size=16, seed=1, **passes
+    )
     attr.fit(train)
     s = attr.score(Queries(images=train.images, names=[f"q{i}" for i in range(len(train))]))
     np.testing.assert_array_equal(s.values.argmax(axis=1), np.arange(len(train)))
@@ -445,3 +448,109 @@ def test_methods_with_the_same_features_share_one_work_folder(train, tmp_path) -
         make_attributor(name, model, tmp_path, **opts, **extra).fit(train)
     names = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.iterdir())
     assert names == ["influence-eigen", "influence-factors", "loss-grads"]
+
+
+# ------------------------------------------------------------------------ ggn (dense GGN)
+
+
+def pseudo_gradients(model, train: ImageDataset, layers, passes: int, seed: int) -> Tensor:
+    """``(passes, n, K)``: per pass and image (id order) the ``[dW | db]`` gradients of
+    ``sum(eps * v)`` at the pass's draws, by a per-sample loop, layers concatenated."""
+    order = torch.argsort(train.ids)
+    images, ids = train.images[order], train.ids[order]
+    params = dict(model.unet.named_parameters())
+    sel = {n: params[n] for ly in layers.layers for n in (ly.weight_name, ly.bias_name) if n}
+    out = []
+    for p in range(passes):
+        t, noise, vecs = ek.pass_draws(seed, ids.tolist(), p, (1, 8, 8), 100)
+        x_t = model.scheduler.add_noise(images, noise.to(F64), t)
+        grads = per_sample_grads_loop(
+            model, x_t, t, vecs.to(F64), lambda e, v, *_: (e * v).flatten(1).sum(1), sel
+        )
+        out.append(torch.cat([as_layer(grads, ly).flatten(1) for ly in layers.layers], dim=1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("block_diagonal", [False, True])
+def test_ggn_scores_equal_the_dense_formula(model64, train, block_diagonal: bool) -> None:
+    """score = g_q^T (G + Lambda)^-1 g_i, G the mean outer product of brute-force
+    pseudo-gradients at the passes' draws, Lambda per layer 0.1 x its block's mean diagonal,
+    exact (identity projector) on a parameter subset; cross-layer blocks kept or zeroed."""
+    train = ImageDataset("toy64", train.images.to(F64), train.ids)
+    opts = dict(projector="identity", params=SUBSET, timesteps=3, seed=1, batch_size=4)
+    attr = make_attributor(
+        "ggn", model64, None, factor_passes=3, block_diagonal=block_diagonal, **opts
+    )
+    attr.fit(train)
+    phi = pseudo_gradients(model64, train, attr.layers, 3, 1)
+    ggn = torch.einsum("pni,pnj->ij", phi, phi) / (3 * len(train))
+    # the store keeps float32 pseudo-gradients
+    torch.testing.assert_close(attr.ggn, ggn, rtol=1e-4, atol=1e-6 * float(ggn.abs().max()))
+    sizes = [ly.d_out * ly.d_in for ly in attr.layers.layers]
+    matrix = torch.zeros_like(ggn)
+    pos = 0
+    for size in sizes:
+        sl = slice(pos, pos + size)
+        block = ggn[sl, sl]
+        matrix[sl, sl] = block + 0.1 * torch.diagonal(block).mean() * torch.eye(size, dtype=F64)
+        pos += size
+    if not block_diagonal:
+        matrix += ggn - torch.block_diag(*[ggn[s, s] for s in layer_ranges(sizes)])
+    queries = Queries(images=train.images[[1, 4]] + 0.05, names=["a", "b"])
+    s = attr.score(queries)
+    ts = attr.query_args().timesteps.timesteps()
+    names = [n for ly in attr.layers.layers for n in (ly.weight_name, ly.bias_name) if n]
+    g_train = brute_force_grads(model64, train.images, train.ids, ts, "loss", 1, names)
+    zeros = torch.zeros(2, dtype=torch.int64)
+    g_query = brute_force_grads(model64, queries.images, zeros, ts, "loss", 1, names)
+    flat = [
+        torch.cat([as_layer(g, ly).flatten(1) for ly in attr.layers.layers], 1)
+        for g in (g_query, g_train)
+    ]
+    want = torch.linalg.solve(matrix, flat[0].T).T @ flat[1].T
+    np.testing.assert_allclose(
+        s.values, want.numpy(), rtol=1e-4, atol=1e-6 * float(want.abs().max())
+    )
+    if block_diagonal:  # then each layer is preconditioned on its own, as ekfac does
+        assert attr.info["ggn"]["block_diagonal"] is True
+
+
+def layer_ranges(sizes: list[int]) -> list[slice]:
+    out, pos = [], 0
+    for size in sizes:
+        out.append(slice(pos, pos + size))
+        pos += size
+    return out
+
+
+def test_ggn_projected_is_the_projection_of_the_full_one(train) -> None:
+    """In the Kronecker-projected space the dense GGN is ``P^T G P`` (``P``: per layer
+    ``P_out (x) P_in``, block-diagonal over layers) of the unprojected one from the same draws,
+    cross-layer blocks included."""
+    model = tiny_model(num_train_timesteps=100)
+    opts = dict(timesteps=2, batch_size=8, seed=1, factor_passes=2, params=SUBSET)
+    full = make_attributor("ggn", model, None, projector="identity", **opts)
+    full.fit(train)
+    proj = make_attributor("ggn", model, None, proj_dim=64, **opts)
+    proj.fit(train)
+    projector = proj.projector()
+    blocks = []
+    for ly in projector.layers:
+        p_in, p_out = projector.matrices(ly, "cpu")
+        blocks.append(torch.kron(p_out, p_in).to(F64))
+    p = torch.block_diag(*blocks)
+    want = p.T @ full.ggn @ p
+    torch.testing.assert_close(proj.ggn, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+def test_ggn_options_are_checked(model64, train, monkeypatch) -> None:
+    from diffattr.attribution.methods import ggn as ggn_mod
+
+    with pytest.raises(OptionError, match="space"):
+        make_attributor("ggn", model64, None, space="full")
+    with pytest.raises(OptionError, match="block_diagonal"):
+        make_attributor("ggn", model64, None, block_diagonal="yes")
+    monkeypatch.setattr(ggn_mod, "MAX_DIMS", 10)
+    attr = make_attributor("ggn", model64, None, proj_dim=64, factor_passes=1, timesteps=1)
+    with pytest.raises(ValueError, match="over 10"):
+        attr.fit(ImageDataset("toy64", train.images.to(F64), train.ids))

@@ -31,6 +31,7 @@ from diffattr.attribution.methods.embedding import (
     UNetFeatureSimilarity,
 )
 from diffattr.attribution.methods.ggda import GGDA, GGDAOptions
+from diffattr.attribution.methods.ggn import GGN, GGNOptions
 from diffattr.attribution.methods.journey import JourneyOptions, JourneyTrak
 from diffattr.attribution.methods.pixel import PixelCosine, PixelOptions
 from diffattr.attribution.methods.tracin import (
@@ -138,6 +139,13 @@ ATTRIBUTORS: dict[str, AttributorSpec] = {
             "Influence functions with the K-FAC GGN (EK-FAC without the eigenvalue correction)",
             KFACOptions,
             KFAC,
+        ),
+        AttributorSpec(
+            "ggn",
+            "Influence functions with the dense Monte-Carlo GGN of the projected gradients (checks "
+            "(E)K-FAC's layer-wise Kronecker factorisation)",
+            GGNOptions,
+            GGN,
         ),
         AttributorSpec(
             "clip",

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -260,6 +260,31 @@ def pseudo_grad_rows(
         return space.gradient_rows(layers, calls, total)
 
 
+def pass_rows(
+    model: Any,
+    layers: KroneckerProjector,
+    train: ImageDataset,
+    p: int,
+    seed: int,
+    batch_size: int,
+    space: CurvatureSpace | None = None,
+) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+    """Pass ``p``'s :func:`pseudo_grad_rows` over ``train``, a batch at a time, images in id order
+    (so sums do not depend on the data set's order); draws from :func:`pass_draws`."""
+    T = int(model.scheduler.config.num_train_timesteps)
+    dev = model.device
+    labels = data_condition(model, train, slice(None))
+    inputs = dataset_inputs(model, train)  # a latent model's VAE latents
+    order = torch.argsort(train.ids)
+    for s in range(0, len(order), batch_size):
+        rows = order[s : s + batch_size]
+        ids = [int(i) for i in train.ids[rows].tolist()]
+        t, noise, vecs = pass_draws(seed, ids, p, tuple(inputs.shape[1:]), T)
+        x0 = inputs[rows].to(dev)
+        y = None if labels is None else labels[rows].to(dev)
+        yield pseudo_grad_rows(model, layers, x0, t.to(dev), noise.to(x0), vecs.to(x0), y, space)
+
+
 def ggn_pass(
     model: Any,
     layers: KroneckerProjector,
@@ -270,24 +295,13 @@ def ggn_pass(
     bases: Bases = None,
     space: CurvatureSpace | None = None,
 ) -> dict[str, list[Tensor]]:
-    """Pass ``p`` over ``train`` (images in id order, so sums do not depend on the data set's
-    order). Without ``bases``: per layer ``[A, S]`` means over the images (K-FAC-expand
-    normalisation, :mod:`diffattr.attribution.curvature`); with ``bases``: ``[lambda]``, the mean
-    ``(Q_S^T G_n Q_A)^2``; in ``space`` (None: the full layer space). float64 on
-    :func:`kernel_device`."""
-    T = int(model.scheduler.config.num_train_timesteps)
-    dev, kdev = model.device, kernel_device(model)
-    labels = data_condition(model, train, slice(None))
-    inputs = dataset_inputs(model, train)  # a latent model's VAE latents
-    order = torch.argsort(train.ids)
+    """Pass ``p`` over ``train``. Without ``bases``: per layer ``[A, S]`` means over the images
+    (K-FAC-expand normalisation, :mod:`diffattr.attribution.curvature`); with ``bases``:
+    ``[lambda]``, the mean ``(Q_S^T G_n Q_A)^2``; in ``space`` (None: the full layer space).
+    float64 on :func:`kernel_device`."""
+    kdev = kernel_device(model)
     sums: dict[str, list[Tensor]] = {}
-    for s in range(0, len(order), batch_size):
-        rows = order[s : s + batch_size]
-        ids = [int(i) for i in train.ids[rows].tolist()]
-        t, noise, vecs = pass_draws(seed, ids, p, tuple(inputs.shape[1:]), T)
-        x0 = inputs[rows].to(dev)
-        y = None if labels is None else labels[rows].to(dev)
-        got = pseudo_grad_rows(model, layers, x0, t.to(dev), noise.to(x0), vecs.to(x0), y, space)
+    for got in pass_rows(model, layers, train, p, seed, batch_size, space):
         for name, (cols, grads) in got.items():
             if bases is None:
                 stats = list(factor_sums(cols, grads))
@@ -494,17 +508,26 @@ class EKFAC(FeatureAttributor):
         self.check_train(train)
         t0 = time.perf_counter()
         with eval_mode(self.model.unet):
-            self.curvature = self.fit_curvature(train, self.space())
+            self.fit_curvature(train, self.space())
         self.timing["curvature_s"] = time.perf_counter() - t0
+        super().fit(train)
+
+    def fit_curvature(self, train: ImageDataset, space: CurvatureSpace) -> None:
+        """Fit the curvature that :meth:`precondition` applies (and say its damping in ``info``)."""
+        self.curvature = self.layer_curvature(train, space)
         damp = [c.damping for c in self.curvature.values()]
         self.info["damping"] = {
             "rule": f"{self.options.damping} x mean eigenvalue, per layer",
             "median": float(np.median(damp)),
         }
         self.info["layers"] = len(self.curvature)
-        super().fit(train)
 
-    def fit_curvature(
+    def precondition(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``(G + damping)^-1`` applied to per-layer gradients ``(d_out, d_in)`` of the curvature
+        space (float64)."""
+        return {n: self.curvature[n].precondition(g) for n, g in grads.items()}
+
+    def layer_curvature(
         self, train: ImageDataset, space: CurvatureSpace
     ) -> dict[str, LayerCurvature]:
         """Per layer :class:`LayerCurvature` from the factor (and eigenvalue) stores."""
@@ -603,7 +626,7 @@ class EKFAC(FeatureAttributor):
         sums = query_grad_sums(self.model, self.layers, image, image_id, label, args, space)
         proj_sums = []
         for s in sums:
-            pre = {n: self.curvature[n].precondition(g) for n, g in s.items()}
+            pre = self.precondition(s)
             if space.proj is not None:
                 # already projected: the blocks in the features' layout (k_out x k_in, row-major)
                 proj_sums.append(torch.cat([pre[ly.name].flatten() for ly in self.layers.layers]))
