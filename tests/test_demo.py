@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from diffattr.config import load_config
-from diffattr.demo import DEMO_METHODS, SHIPPED_MODEL, next_commands
+from diffattr.demo import DEMO_METHODS, SHIPPED_MODEL, demo_methods, next_commands
 from diffattr.diffusion.model import build_model, load_model
 from diffattr.repro import read_record, state_dict_hash
 from diffattr.testing import TINY_UNET
@@ -107,6 +107,8 @@ def test_demo_writes_one_report_and_ends_with_three_commands(tiny_demo) -> None:
     for m in ("d-trak", "das"):  # built with the demo's options
         options = read_record(out / "features" / m)["identity"]["options"]
         assert options["timesteps"] == DEMO_METHODS[m]["timesteps"]
+        # [100, 550) of 1000 timesteps is [2, 11) of the tiny model's 20
+        assert options["t_max"] == demo_methods(20)[m]["t_max"] == 11
     lines = res.stdout.strip().splitlines()
     assert lines[-4].startswith("done in")
     printed = [line.strip() for line in lines[-3:]]
@@ -117,6 +119,19 @@ def test_demo_writes_one_report_and_ends_with_three_commands(tiny_demo) -> None:
         assert r.returncode == 0, (command, r.stderr)
     assert (out / "report-0005" / "report.json").exists()
     assert (out / "features" / "grad-cos" / "diffattr.json").exists()
+
+
+def test_a_folder_an_older_demo_made_with_other_options_is_rebuilt(tiny_demo) -> None:
+    work, _ = tiny_demo
+    folder = work / "runs" / "demo" / "features" / "d-trak"
+    record_path = folder / "diffattr.json"
+    record = json.loads(record_path.read_text())
+    record["identity"]["options"]["t_max"] = None  # as made before the demo's t_max
+    record_path.write_text(json.dumps(record))
+    res = _cli(["demo", "--out", "runs/demo", "--config", "tiny.yaml"], work)
+    assert res.returncode == 0, res.stderr
+    assert "rebuilding" in res.stderr and "d-trak" in res.stderr
+    assert read_record(folder)["identity"]["options"]["t_max"] == 11
 
 
 def test_retrain_replaces_the_model_and_what_was_made_from_it(tiny_demo) -> None:
