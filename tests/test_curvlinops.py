@@ -10,6 +10,7 @@ correction; the diffusion-specific part (draws, timesteps) is tested against bru
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,17 +34,24 @@ def small_net() -> tuple[nn.Sequential, Tensor, Tensor]:
     return net, x, y
 
 
-def our_factors(net: nn.Module, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per layer ``(A, S)`` of the mean-squared-error GGN, ``E[v v^T] = (2/D) I`` taken exactly:
-    S summed over the ``D`` vectors ``sqrt(2/D) e_c``."""
+def basis_rows(net: nn.Module, x: Tensor) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+    """Per output dimension ``c``, every layer's (inputs, output gradients) of ``sum(net(x) *
+    v)`` with ``v = sqrt(2/D) e_c``: summed over ``c``, their outer products are the
+    mean-squared-error GGN's ``E[v v^T] = (2/D) I`` taken exactly."""
     layers = cv.curvature_layers(net, None)
     N, D = x.shape[0], 4
-    out: dict[str, tuple[Tensor, Tensor]] = {}
     for c in range(D):
         v = torch.zeros(N, D, dtype=F64)
         v[:, c] = math.sqrt(2.0 / D)
         with layers.capture() as calls, torch.enable_grad():
-            rows = cv.output_grads(layers, calls, (net(x) * v).sum())
+            yield cv.output_grads(layers, calls, (net(x) * v).sum())
+
+
+def our_factors(net: nn.Module, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per layer ``(A, S)`` of the mean-squared-error GGN (S summed over the basis vectors)."""
+    N = x.shape[0]
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for rows in basis_rows(net, x):
         for name, (cols, grads) in rows.items():
             a, s = cv.factor_sums(cols, grads)
             old = out.get(name)
@@ -53,14 +61,9 @@ def our_factors(net: nn.Module, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
 
 def our_eigen(net: nn.Module, x: Tensor, bases: dict[str, tuple[Tensor, Tensor]]) -> dict:
     """EK-FAC's corrected eigenvalues, the exact expectation over the output vectors."""
-    layers = cv.curvature_layers(net, None)
-    N, D = x.shape[0], 4
+    N = x.shape[0]
     out: dict[str, Tensor] = {}
-    for c in range(D):
-        v = torch.zeros(N, D, dtype=F64)
-        v[:, c] = math.sqrt(2.0 / D)
-        with layers.capture() as calls, torch.enable_grad():
-            rows = cv.output_grads(layers, calls, (net(x) * v).sum())
+    for rows in basis_rows(net, x):
         for name, (cols, grads) in rows.items():
             lam = cv.eigen_sums(cols, grads, *bases[name]) / N
             out[name] = lam if name not in out else out[name] + lam

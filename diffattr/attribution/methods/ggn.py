@@ -21,9 +21,10 @@ than ``ekfac``, the factorisation is not what costs the influence function its L
 ``Lambda`` is diagonal: per layer, ``damping`` times that layer block's mean eigenvalue (its trace
 over its size), as ``ekfac``'s rule. ``(G + Lambda)`` is Cholesky-factored once.
 
-Cost: a pass is one backward per training image (about the cost of one timestep of featurization);
-the store keeps every pass's ``(N, K)`` pseudo-gradients (float32: ``4 N K`` bytes a pass, 2.4 MB for
-290 images at 2048 dimensions), so that a killed fit resumes where it stopped; the matrix needs ``8 K^2`` bytes (32 MB at 2048, 2 GB at 16384, refused above).
+Cost: a pass is one backward per training image (about the cost of one timestep of
+featurization); the store keeps every pass's ``(N, K)`` pseudo-gradients (float32: ``4 N K``
+bytes a pass, 2.4 MB for 290 images at 2048 dimensions), so that a killed fit resumes where it
+stopped; the matrix needs ``8 K^2`` bytes (32 MB at 2048, 2 GB at 16384, refused above).
 """
 
 from __future__ import annotations
